@@ -1,0 +1,1 @@
+"""reformer_rt.export: PyTorch Reformer -> ONNX (LSH attention as a plugin node or as portable standard ops)."""

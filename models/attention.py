@@ -1,0 +1,106 @@
+"""Reformer self-attention modules: LSH (through the op contract) and chunked local attention.
+
+Parameter names match transformers' ``LSHSelfAttention`` / ``LocalSelfAttention`` so checkpoints load as they
+are. Inference semantics only (no dropout, no incremental-decoding cache). Shapes: x [B, L, hidden],
+heads [B, H, L, D], chunked [B, H, n_chunks, chunk, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ReformerConfig
+from .lsh import MASK_VALUE, LSHAttrs, look_around, make_rotations
+from .lsh_op import lsh_attention
+
+
+def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, head_dim).transpose(1, 2)  # [B,L,H*D] -> [B,H,L,D]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = x.shape
+    return x.permute(0, 2, 1, 3).reshape(batch, length, heads * head_dim)  # [B,H,L,D] -> [B,L,H*D]
+
+
+def lsh_attrs(config: ReformerConfig) -> LSHAttrs:
+    """The op attributes of an LSH layer of a resolved config."""
+    if config.num_buckets is None:
+        raise ValueError("num_buckets is unresolved; call config.resolved(max_length) first")
+    buckets = config.num_buckets
+    return LSHAttrs(
+        num_hashes=config.num_hashes,
+        bucket_factors=(buckets,) if isinstance(buckets, int) else tuple(buckets),
+        chunk_length=config.lsh_attn_chunk_length,
+        chunks_before=config.lsh_num_chunks_before,
+        chunks_after=config.lsh_num_chunks_after,
+        causal=config.is_decoder,
+    )
+
+
+class LSHSelfAttention(nn.Module):
+    """Shared-QK attention within LSH buckets; the attention itself is the ``reformer_rt::LSHAttention`` op."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        if not config.is_resolved:
+            raise ValueError("LSHSelfAttention needs a resolved config (config.resolved())")
+        self.heads, self.head_dim = config.num_attention_heads, config.attention_head_size
+        self.attrs = lsh_attrs(config)
+        self.query_key = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.value = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        # Rotations are data derived from the config's seed, not weights: not saved, identical in every layer.
+        rotations = make_rotations(config.hash_seed, self.heads, self.head_dim, self.attrs)
+        self.register_buffer("rotations", rotations, persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B,L,hidden], mask [B,L] int32 -> [B,L,H*D]."""
+        qk = _split_heads(self.query_key(x), self.heads, self.head_dim)
+        v = _split_heads(self.value(x), self.heads, self.head_dim)
+        return _merge_heads(lsh_attention(qk, v, self.rotations, mask, self.attrs))
+
+
+class LocalSelfAttention(nn.Module):
+    """Attention within fixed chunks of ``local_attn_chunk_length`` plus neighbour chunks (wrapping, as HF)."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.attention_head_size
+        self.chunk = config.local_attn_chunk_length
+        self.before, self.after = config.local_num_chunks_before, config.local_num_chunks_after
+        self.causal = config.is_decoder
+        inner = self.heads * self.head_dim
+        self.query = nn.Linear(config.hidden_size, inner, bias=False)
+        self.key = nn.Linear(config.hidden_size, inner, bias=False)
+        self.value = nn.Linear(config.hidden_size, inner, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B,L,hidden], mask [B,L] (nonzero = token) -> [B,L,H*D]."""
+        batch, length, _ = x.shape
+        q = _split_heads(self.query(x), self.heads, self.head_dim)
+        k = _split_heads(self.key(x), self.heads, self.head_dim) / math.sqrt(self.head_dim)
+        v = _split_heads(self.value(x), self.heads, self.head_dim)
+        positions = torch.arange(length, device=x.device)
+        valid = (mask != 0)[:, None, :]  # [B,1,L]
+        if length > self.chunk:
+            n_chunks = length // self.chunk
+            q = q.reshape(batch, self.heads, n_chunks, self.chunk, self.head_dim)
+            k = look_around(k.reshape(q.shape), self.before, self.after)
+            v = look_around(v.reshape(q.shape), self.before, self.after)
+            positions = positions.view(1, 1, n_chunks, self.chunk)
+            k_positions = look_around(positions, self.before, self.after)
+            valid = look_around(valid.reshape(batch, 1, n_chunks, self.chunk), self.before, self.after)
+        else:
+            k_positions = positions
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        allowed = valid.unsqueeze(-2)
+        if self.causal:
+            allowed = allowed & (positions.unsqueeze(-1) >= k_positions.unsqueeze(-2))
+        scores = torch.where(allowed, scores, MASK_VALUE.get(scores.dtype, MASK_VALUE[torch.float32]))
+        probs = torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True))
+        out = torch.matmul(probs, v)
+        return _merge_heads(out.reshape(batch, self.heads, length, self.head_dim))

@@ -1,0 +1,158 @@
+"""Checkpoint I/O: transformers Reformer directories and this project's own format (the same layout).
+
+Read: ``config.json`` plus ``model.safetensors`` (or a sharded ``model.safetensors.index.json``), or
+``pytorch_model.bin`` loaded with ``weights_only=True`` (never unpickles code). Weights are converted to float32:
+the PyTorch model is the fp32 reference; fp16 lives in exported graphs.
+
+Key names: HF's ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` prefix the body with ``reformer.`` and keep
+``lm_head.decoder.{weight,bias}`` (plus a duplicate ``lm_head.bias``); a bare ``ReformerModel`` has no prefix.
+Heads other than the LM head are ignored; any missing, unexpected or mis-shaped tensor of the part being loaded is
+an error naming that tensor.
+
+Write: ``save_pretrained`` writes the resolved config (hash seed and bucket counts decided) and safetensors with
+HF key names, so the directory loads here and in transformers alike. Files are written to a temporary directory
+and moved into place, so a failed save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ReformerConfig
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+BODY_PREFIX = "reformer."
+LM_HEAD_PREFIX = "lm_head."
+
+
+def load(path: str | Path, max_length: int | None = None) -> tuple[ReformerConfig, dict[str, torch.Tensor]]:
+    """(resolved config, float32 state dict as stored) from a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: {path} is not a directory; expected a directory with {CONFIG_FILE} "
+                              f"and {SAFETENSORS_FILE} or {TORCH_FILE}")
+    config = ReformerConfig.from_json_file(path / CONFIG_FILE).resolved(max_length)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(path).items()}
+    return config, state
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files: list[Path]
+    if (path / SAFETENSORS_FILE).exists():
+        files = [path / SAFETENSORS_FILE]
+    elif (path / SAFETENSORS_INDEX).exists():
+        try:
+            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint: {path / SAFETENSORS_INDEX} is not a valid index ({exc})") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / TORCH_FILE).exists():
+        try:
+            state = torch.load(path / TORCH_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt or unsafe pickle
+            raise CheckpointError(f"checkpoint: cannot read {path / TORCH_FILE} as a weights-only state dict "
+                                  f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint: {path / TORCH_FILE} holds {type(state).__name__}; expected a "
+                                  "state dict")
+        return state
+    else:
+        raise CheckpointError(f"checkpoint: no weights in {path}; expected {SAFETENSORS_FILE}, "
+                              f"{SAFETENSORS_INDEX} or {TORCH_FILE}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint: cannot read {file} ({exc}); the file is missing or corrupt") from exc
+    return state
+
+
+def _model_state_from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to ``model``'s keys; heads the model does not have are dropped."""
+    has_head = hasattr(model, "lm_head")
+    prefixed = any(k.startswith(BODY_PREFIX) for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if prefixed and not key.startswith(BODY_PREFIX):
+            if not (has_head and key.startswith(LM_HEAD_PREFIX)):
+                continue  # another head (classifier, qa_outputs...) or the LM head of a body-only load
+            if key == "lm_head.bias":
+                out.setdefault("lm_head.decoder.bias", value)  # HF ties it to lm_head.decoder.bias
+                continue
+            out[key] = value
+            continue
+        body_key = key[len(BODY_PREFIX):] if prefixed else key
+        out[BODY_PREFIX + body_key if has_head else body_key] = value
+    return out
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` into ``model`` strictly; errors name the offending tensor."""
+    state = _model_state_from_checkpoint(model, state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint {source}: missing tensor(s) {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); expected by "
+                              f"{type(model).__name__} for this config.json -- is config.json from the same model?")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {source}: unexpected tensor(s) {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all); the weights "
+                              "do not match config.json (attn_layers, axial_pos_embds?)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"checkpoint {source}: tensor {key} has shape {tuple(value.shape)}; expected "
+                                  f"{tuple(expected[key].shape)} from config.json")
+    model.load_state_dict(state, strict=True)
+
+
+def save(model: nn.Module, path: Path) -> None:
+    """Write config.json + model.safetensors atomically (into a temp dir, then moved into place)."""
+    from safetensors.torch import save_file
+
+    config: ReformerConfig = model.config  # type: ignore[assignment]
+    has_head = hasattr(model, "lm_head")
+    data = config.to_dict()
+    data["architectures"] = ["ReformerModelWithLMHead" if has_head else "ReformerModel"]
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if has_head:
+        state["lm_head.bias"] = state["lm_head.decoder.bias"].clone()  # HF's own LM checkpoints carry both
+    path = path.absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise CheckpointError(f"save_pretrained: cannot write to {path.parent} ({exc.strerror})") from exc
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        if path.is_dir():
+            for name in (CONFIG_FILE, SAFETENSORS_FILE):
+                os.replace(tmp / name, path / name)
+        else:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"save_pretrained: cannot write {path} ({exc.strerror})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+

@@ -1,0 +1,89 @@
+"""``reformer_rt::LSHAttention`` as a torch custom op, and the one function the model calls.
+
+Implementations are chosen per call from a small registry: ``reference`` (the fp32 oracle from ``lsh.py``,
+always present) and ``triton``, which ``reformer_rt.plugins`` registers when it is imported. On a CUDA tensor the
+op imports the plugins package on first use (a by-name import, so this package does not depend on it) and runs
+the Triton kernels if they are available; ``REFORMER_RT_KERNELS=triton|reference`` forces one, and a forced
+implementation that cannot run is an error, never a silent fallback.
+
+A fake (meta) kernel gives the output shape so the op traces through ``torch.export``. Autograd: the op is
+inference-only; when gradients are needed (training the demo model) ``lsh_attention`` calls the differentiable
+reference directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from .errors import InputTypeError, ReformerError
+from .lsh import OP_ID, LSHAttrs, lsh_attention_reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16)
+KERNELS_ENV = "REFORMER_RT_KERNELS"
+PLUGINS_PACKAGE = "reformer_rt.plugins"
+
+Implementation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LSHAttrs], torch.Tensor]
+_IMPLEMENTATIONS: dict[str, Implementation] = {"reference": lsh_attention_reference}
+_plugin_import_error: list[str] = []
+
+
+def register_implementation(name: str, fn: Implementation) -> None:
+    """Make ``fn`` selectable as ``name`` (called by ``reformer_rt.plugins`` on import)."""
+    _IMPLEMENTATIONS[name] = fn
+
+
+def _load_plugins() -> None:
+    if "triton" in _IMPLEMENTATIONS or _plugin_import_error:
+        return
+    try:
+        importlib.import_module(PLUGINS_PACKAGE)
+    except ImportError as exc:
+        _plugin_import_error.append(str(exc))
+
+
+def select_implementation(device: torch.device) -> str:
+    """Name of the implementation the op runs for tensors on ``device`` (see module docstring)."""
+    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if forced and forced not in ("triton", "reference"):
+        raise ReformerError(f"{KERNELS_ENV}: got {forced!r}; expected 'triton' or 'reference' (or unset)")
+    if forced == "reference":
+        return "reference"
+    if forced == "triton" or device.type == "cuda":
+        _load_plugins()
+    if forced == "triton" and "triton" not in _IMPLEMENTATIONS:
+        reason = _plugin_import_error[0] if _plugin_import_error else "it registered no 'triton' implementation"
+        raise ReformerError(f"{KERNELS_ENV}=triton: the Triton kernels are unavailable ({reason}); install "
+                            "triton (pip install triton), or unset the variable to use the reference")
+    if forced == "triton" or (device.type == "cuda" and "triton" in _IMPLEMENTATIONS):
+        return "triton"
+    return "reference"
+
+
+@torch.library.custom_op(OP_ID, mutates_args=())
+def lsh_attention_op(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                     num_hashes: int, bucket_factors: list[int], chunk_length: int, chunks_before: int,
+                     chunks_after: int, causal: int) -> torch.Tensor:
+    attrs = LSHAttrs(num_hashes, tuple(bucket_factors), chunk_length, chunks_before, chunks_after, bool(causal))
+    return _IMPLEMENTATIONS[select_implementation(qk.device)](qk, v, rotations, mask, attrs)
+
+
+@lsh_attention_op.register_fake
+def _lsh_attention_fake(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                        num_hashes: int, bucket_factors: list[int], chunk_length: int, chunks_before: int,
+                        chunks_after: int, causal: int) -> torch.Tensor:
+    return v.new_empty(qk.shape)
+
+
+def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                  attrs: LSHAttrs) -> torch.Tensor:
+    """LSH attention per the v1 contract: qk, v [B,H,L,D]; rotations [H,D,n_hashes,rot/2]; mask [B,L] int32."""
+    if qk.dtype not in SUPPORTED_DTYPES or v.dtype != qk.dtype:
+        raise InputTypeError(f"LSHAttention: got qk {qk.dtype}, v {v.dtype}; expected both float32 or both "
+                             "float16 (cast the model with .float() or .half())")
+    if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
+        return lsh_attention_reference(qk, v, rotations, mask, attrs)
+    return lsh_attention_op(qk, v, rotations, mask, **attrs.as_dict())

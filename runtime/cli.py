@@ -1,0 +1,44 @@
+"""``reformer-rt``: the command-line entry point.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers the command and sets
+``func(args) -> int``. Errors the user can fix (``ReformerError``) print one line and exit with code 2, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from reformer_rt.models import ReformerError
+
+#: Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
+COMMANDS = (
+    "reformer_rt.runtime.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reformer-rt", description="Deploy trained Reformer models: export to "
+                                     "ONNX, run with TensorRT / ONNX Runtime / PyTorch, long sequences in batches.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ReformerError as exc:
+        print(f"reformer-rt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reformer-rt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
