@@ -125,6 +125,15 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
     model.load_state_dict(state, strict=True)
 
 
+def _make_readable(directory: Path, names: tuple[str, ...]) -> None:
+    """Give the temp dir and its files the usual umask permissions (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in names:
+        os.chmod(directory / name, 0o666 & ~umask)
+
+
 def save(model: nn.Module, path: Path) -> None:
     """Write config.json + model.safetensors atomically (into a temp dir, then moved into place)."""
     from safetensors.torch import save_file
@@ -145,6 +154,7 @@ def save(model: nn.Module, path: Path) -> None:
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        _make_readable(tmp, (CONFIG_FILE, SAFETENSORS_FILE))
         if path.is_dir():
             for name in (CONFIG_FILE, SAFETENSORS_FILE):
                 os.replace(tmp / name, path / name)
