@@ -1,0 +1,65 @@
+"""The ``reformer-rt`` command line as a user runs it: a real process, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reformer_rt.models import ReformerLM
+from reformer_rt.models.tokenizer import ByteTokenizer
+from reformer_rt.models.train_demo import corpus, evaluate
+from reformer_rt.runtime.demo import demo_model_dir
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("reformer-rt")
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0
+    assert "demo" in result.stdout
+
+
+def test_demo_runs_a_long_batch_and_samples() -> None:
+    result = _cli("demo", "--batch", "2", "--length", "2048", "--generate", "24", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout and "bits per character" in result.stdout
+    assert result.stdout.count("-" * 60) == 2
+
+
+@pytest.mark.parametrize("args,words", [
+    (("demo", "--length", "99999999"), "--length"),
+    (("demo", "--batch", "0"), "--batch"),
+    (("demo", "--prompt", "", "--length", "128"), "--prompt"),
+])
+def test_bad_arguments_exit_2_without_traceback(args, words: str) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bundled_demo_model_matches_its_training_log() -> None:
+    """The committed weights reproduce the held-out bits per character their training log reports."""
+    directory = demo_model_dir()
+    log = json.loads((directory / "training_log.json").read_text())["summary"]
+    if platform.python_version() != log["python"]:
+        pytest.skip(f"held-out text is Python {log['python']}'s standard library; this is "
+                    f"{platform.python_version()}")
+    model = ReformerLM.from_pretrained(directory)
+    assert (directory / "model.safetensors").stat().st_size < 8 * 2**20
+    tokenizer = ByteTokenizer.load(directory)
+    _, held_out, _ = corpus()
+    held_ids = torch.tensor(list(held_out), dtype=torch.long) + tokenizer.offset
+    bpc = evaluate(model, held_ids)
+    assert math.isclose(bpc, log["held_out_bpc"], abs_tol=2e-3), (bpc, log["held_out_bpc"])
+    assert bpc < 3.5  # a trained model, far from the 8 bits of a uniform byte guess
