@@ -22,7 +22,9 @@ this docstring alone:
    at the query's own position is replaced by ``SELF_MASK_VALUE`` (always: shared-QK attention must not prefer
    itself). Values per dtype of ``qk``.
 5. Per chunk row: ``lse = logsumexp(scores)``, ``out = softmax(scores) @ v`` (fp32 accumulation).
-6. Rounds combine by weights ``softmax_r(lse_r)`` at each original position (one round: output as is).
+6. Rounds combine by weights ``softmax_r(lse_r)`` at each original position (one round: output as is). A row
+   that can only see itself has ``lse`` = the self-mask value; fp32 rounding at that magnitude makes such a
+   position's round weights sum to slightly less than 1 (0.998 at -1e5). HF does exactly this; so do we.
 7. ``L <= chunk_length``: no hashing; full attention over the sequence with the same masks (HF's standard path).
    Otherwise ``L`` must be a multiple of ``chunk_length`` (the model pads before calling the op).
 """
@@ -191,19 +193,32 @@ def _masked_scores(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tenso
 def lsh_attention_reference(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
                             attrs: LSHAttrs) -> torch.Tensor:
     """The oracle: plain fp32 PyTorch, [B,H,L,D] in, [B,H,L,D] out in the dtype of ``v``."""
-    batch, heads, length, dim = qk.shape
-    q, val = qk.float(), v.float()
-    valid = mask != 0
+    length = qk.shape[2]
     if length <= attrs.chunk_length:
-        positions = torch.arange(length, device=qk.device)
-        scores = torch.matmul(q, _keys(q).transpose(-1, -2))  # [B,H,L,L]
-        scores = _masked_scores(scores, positions, positions, valid[:, None, None, :], attrs.causal, qk.dtype)
-        out = torch.matmul(torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True)), val)
-        return out.to(v.dtype)
+        return lsh_full_attention(qk, v, mask, attrs)
     if length % attrs.chunk_length:
         raise ValueError(f"LSHAttention: got L={length}; expected L <= chunk_length or a multiple of "
                          f"chunk_length={attrs.chunk_length} (pad the sequence first)")
+    return lsh_hashed_attention(qk, v, rotations, mask, attrs)
 
+
+def lsh_full_attention(qk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, attrs: LSHAttrs) -> torch.Tensor:
+    """The reference's ``L <= chunk_length`` path (semantics step 7): full attention with the same masks."""
+    length = qk.shape[2]
+    q, val = qk.float(), v.float()
+    positions = torch.arange(length, device=qk.device)
+    scores = torch.matmul(q, _keys(q).transpose(-1, -2))  # [B,H,L,L]
+    scores = _masked_scores(scores, positions, positions, (mask != 0)[:, None, None, :], attrs.causal, qk.dtype)
+    out = torch.matmul(torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True)), val)
+    return out.to(v.dtype)
+
+
+def lsh_hashed_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                         attrs: LSHAttrs) -> torch.Tensor:
+    """The reference's hashed path (semantics steps 1-6); L must be a multiple of ``chunk_length``."""
+    batch, heads, length, dim = qk.shape
+    q, val = qk.float(), v.float()
+    valid = mask != 0
     n_hashes, chunk = attrs.num_hashes, attrs.chunk_length
     n_chunks = n_hashes * length // chunk
     order = lsh_sort(lsh_hash(q, rotations, mask, attrs)).reshape(batch, heads, n_hashes * length)
@@ -222,8 +237,9 @@ def lsh_attention_reference(qk: torch.Tensor, v: torch.Tensor, rotations: torch.
     out_sorted = torch.matmul(torch.exp(scores - lse), look_around(v_sorted, before, after))
 
     # Undo the sort: row i of round r goes back to (r, order[i]).
-    rounds = torch.arange(n_hashes, device=qk.device).repeat_interleave(length) * length
-    target = order + rounds
+    # (An offset per round broadcast over L, not repeat_interleave: the latter mis-lowers to ONNX for symbolic L.)
+    rounds = torch.arange(n_hashes, device=qk.device).unsqueeze(-1) * length  # [n_hashes,1]
+    target = (order.view(batch, heads, n_hashes, length) + rounds).view(batch, heads, n_hashes * length)
     out = torch.empty_like(out_sorted.view(batch, heads, -1, dim)).scatter_(
         2, target.unsqueeze(-1).expand(-1, -1, -1, dim), out_sorted.view(batch, heads, -1, dim))
     lse = torch.empty_like(lse.view(batch, heads, -1)).scatter_(2, target, lse.view(batch, heads, -1))

@@ -9,18 +9,26 @@ implementation that cannot run is an error, never a silent fallback.
 A fake (meta) kernel gives the output shape so the op traces through ``torch.export``. Autograd: the op is
 inference-only; when gradients are needed (training the demo model) ``lsh_attention`` calls the differentiable
 reference directly.
+
+ONNX export: inside ``onnx_lowering(form)`` and while ``torch.onnx`` traces the model, ``lsh_attention`` emits
+either one ``LSHAttention`` node in the contract's domain (``form="plugin"``, through ``torch.onnx.ops.symbolic``)
+or the reference itself, traced to standard ops (``form="portable"``). The exporter (``reformer_rt.export``) sets
+the form; this module only knows the torch side and imports no ONNX package.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from .errors import InputTypeError, ReformerError
-from .lsh import OP_ID, LSHAttrs, lsh_attention_reference
+from .lsh import (OP_ID, OP_VERSION, PLUGIN_ATTRIBUTES, LSHAttrs, lsh_attention_reference, lsh_full_attention,
+                  lsh_hashed_attention)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
 KERNELS_ENV = "REFORMER_RT_KERNELS"
@@ -29,6 +37,11 @@ PLUGINS_PACKAGE = "reformer_rt.plugins"
 Implementation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LSHAttrs], torch.Tensor]
 _IMPLEMENTATIONS: dict[str, Implementation] = {"reference": lsh_attention_reference}
 _plugin_import_error: list[str] = []
+
+#: Lowerings ``lsh_attention`` can trace to during ONNX export (see the module docstring).
+ONNX_LOWERINGS = ("plugin", "portable")
+_onnx_lowering: contextvars.ContextVar[str | None] = contextvars.ContextVar("reformer_rt_onnx_lowering",
+                                                                            default=None)
 
 
 def register_implementation(name: str, fn: Implementation) -> None:
@@ -84,6 +97,49 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, ma
     if qk.dtype not in SUPPORTED_DTYPES or v.dtype != qk.dtype:
         raise InputTypeError(f"LSHAttention: got qk {qk.dtype}, v {v.dtype}; expected both float32 or both "
                              "float16 (cast the model with .float() or .half())")
+    form = _onnx_lowering.get()
+    if form is not None and torch.onnx.is_in_onnx_export():
+        if form == "plugin":
+            return _lsh_plugin_node(qk, v, rotations, mask, attrs)
+        return _lsh_portable(qk, v, rotations, mask, attrs)
     if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
         return lsh_attention_reference(qk, v, rotations, mask, attrs)
     return lsh_attention_op(qk, v, rotations, mask, **attrs.as_dict())
+
+
+@contextlib.contextmanager
+def onnx_lowering(form: str) -> Iterator[None]:
+    """While active, an ONNX export traces ``lsh_attention`` as ``form``: "plugin" (one node) or "portable"."""
+    if form not in ONNX_LOWERINGS:
+        raise ValueError(f"onnx_lowering: got {form!r}; expected one of {ONNX_LOWERINGS}")
+    token = _onnx_lowering.set(form)
+    try:
+        yield
+    finally:
+        _onnx_lowering.reset(token)
+
+
+def _lsh_plugin_node(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                     attrs: LSHAttrs) -> torch.Tensor:
+    """One ONNX node per the contract: inputs (qk, v, rotations, mask), contract attributes + plugin strings."""
+    node_attrs: dict[str, int | str | list[int]] = {**attrs.as_dict(), **PLUGIN_ATTRIBUTES}
+    return torch.onnx.ops.symbolic(OP_ID, (qk, v, rotations, mask.to(torch.int32)), node_attrs, dtype=v.dtype,
+                                   shape=qk.shape, version=OP_VERSION)
+
+
+def _lsh_portable(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
+                  attrs: LSHAttrs) -> torch.Tensor:
+    """The reference traced to standard ops, its ``L <= chunk_length`` test kept as a graph-level branch.
+
+    The exported length is symbolic, so the reference's Python test on it cannot be traced; the predicate is a
+    0-d tensor (an ONNX ``If``), never a Python bool the tracer could resolve from the declared length range.
+    """
+    short = torch.scalar_tensor(qk.shape[2], dtype=torch.int64) <= attrs.chunk_length
+
+    def full(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lsh_full_attention(qk, v, mask, attrs)
+
+    def hashed(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lsh_hashed_attention(qk, v, rotations, mask, attrs)
+
+    return torch.cond(short, full, hashed, (qk, v, rotations, mask))

@@ -16,6 +16,7 @@ from reformer_rt.models import ReformerError
 #: Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
 COMMANDS = (
     "reformer_rt.runtime.demo",
+    "reformer_rt.export.cli",
 )
 
 

@@ -1,0 +1,221 @@
+"""``export_onnx``: a Reformer checkpoint or model -> one validated ONNX file, written atomically.
+
+Steps: load the model (HF or reformer-rt checkpoint directory, or a model object) -> trace it with the chosen
+LSH lowering (``lowering.py``) -> float16 precision pass (``precision.py``) -> metadata (``metadata.py``) -> save
+into a temporary directory next to the target -> ``onnx.checker`` -> validate against PyTorch in ONNX Runtime
+(``validate.py``) -> move into place. Any failure removes the temporary files, so the target is either the
+complete new file or untouched. Graphs over 2 GB are saved with external data (``<name>.data`` beside the file).
+
+Known limits: see ``lowering.py`` (length range, unchunked feed-forward) and ``validate.py`` (float16 on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from reformer_rt.models import CheckpointError, ReformerLM, ReformerModel
+from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME, OP_VERSION
+from reformer_rt.models.lsh_op import ONNX_LOWERINGS
+
+from . import lowering, metadata, precision
+from . import validate as validation
+from .errors import ExportError, ValidationError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17  # LayerNormalization
+EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
+Reformer = ReformerLM | ReformerModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    attention: str
+    dtype: str
+    opset: int
+    output_name: str
+    max_length: int
+    lsh_nodes: int
+    size_bytes: int
+    external_data: bool
+    export_seconds: float
+    validation: validation.ValidationResult | None
+
+    def summary(self) -> str:
+        line = (f"exported {self.path} ({self.attention}, {self.dtype}, opset {self.opset}, "
+                f"{self.size_bytes / 2**20:.2f} MiB, {self.export_seconds:.1f} s)")
+        result = self.validation
+        if result is None:
+            return line + "; validation skipped"
+        if not result.ran:
+            return line + f"; validation not run: {result.note}"
+        return line + (f"; validated on {len(result.cases)} input shapes: max {result.metric} diff "
+                       f"{result.max_diff:.3g} (tolerance {result.tolerance:g})")
+
+
+def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str = "plugin",
+                dtype: str = "float32", max_length: int | None = None, opset: int = DEFAULT_OPSET,
+                validate: bool = True, log: Callable[[str], None] | None = print) -> ExportReport:
+    """Export ``source`` to ``path`` (see the module docstring); returns what was written and measured."""
+    _check_options(attention, dtype, opset)
+    start = time.perf_counter()
+    model = load_source(source, max_length)
+    low, high = lowering.length_range(model, max_length)
+    target = Path(path).absolute()
+    tmp = _temp_dir(target)
+    try:
+        proto = lowering.trace(model, attention, dtype, high, opset)
+        lsh_nodes = _finish_graph(proto, model, attention, dtype, opset, high)
+        model_file, external = _save(proto, tmp, target.name)
+        onnx.checker.check_model(str(model_file))
+        result = _validate(proto, model, attention, dtype, (low, high), log) if validate else None
+        _move_into_place(model_file, target, external)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = ExportReport(target, attention, dtype, opset, lowering.output_name(model), high, lsh_nodes,
+                          _size(target, external), external, time.perf_counter() - start, result)
+    if log is not None:
+        log(report.summary())
+    return report
+
+
+def load_source(source: str | Path | nn.Module, max_length: int | None = None) -> Reformer:
+    """The model to export: a ReformerLM / ReformerModel as given, or loaded from a checkpoint directory.
+
+    A directory loads as ``ReformerLM`` when its config names an LM architecture (``...LMHead``, ``...MaskedLM``)
+    or, with no architectures listed, when its weights carry an LM head; otherwise as ``ReformerModel``.
+    """
+    if isinstance(source, (ReformerLM, ReformerModel)):
+        if any(p.dtype != torch.float32 for p in source.parameters()):
+            raise ExportError("source: got a model with non-float32 parameters; expected the float32 model "
+                              "(float16 is an export option: dtype='float16')")
+        return source.eval()
+    if isinstance(source, nn.Module):
+        raise ExportError(f"source: got {type(source).__name__}; expected a reformer_rt ReformerLM / "
+                          "ReformerModel or a checkpoint directory (load HF models with from_pretrained)")
+    directory = Path(source)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint: {directory} is not a directory; expected a Reformer checkpoint "
+                              "directory (config.json + model.safetensors / pytorch_model.bin)")
+    architectures = _architectures(directory)
+    if architectures:
+        lm = any(a.endswith(("LMHead", "MaskedLM")) for a in architectures)
+        return (ReformerLM if lm else ReformerModel).from_pretrained(directory, max_length)
+    try:
+        return ReformerLM.from_pretrained(directory, max_length)
+    except CheckpointError:
+        return ReformerModel.from_pretrained(directory, max_length)
+
+
+def _architectures(directory: Path) -> list[str]:
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []  # from_pretrained reports the unreadable config with its own message
+    names = data.get("architectures") if isinstance(data, dict) else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _check_options(attention: str, dtype: str, opset: int) -> None:
+    if attention not in ONNX_LOWERINGS:
+        raise ExportError(f"attention: got {attention!r}; expected one of {ONNX_LOWERINGS}")
+    if dtype not in lowering.DTYPES:
+        raise ExportError(f"dtype: got {dtype!r}; expected one of {tuple(lowering.DTYPES)}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ExportError(f"opset: got {opset!r}; expected an int >= {MIN_OPSET} (LayerNormalization)")
+
+
+def _temp_dir(target: Path) -> Path:
+    """A temporary directory beside ``target``, so the final rename stays on one file system."""
+    if target.is_dir():
+        raise ExportError(f"output: {target} is a directory; expected a file path such as model.onnx")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(f"output: cannot write to {target.parent} ({exc.strerror}); choose a writable "
+                          "directory that exists") from exc
+
+
+def _finish_graph(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: str, opset: int,
+                  max_length: int) -> int:
+    """Precision pass, node names, opset and metadata; returns the number of LSH plugin nodes."""
+    if dtype == "float16":
+        precision.upcast_reductions(proto)
+    _strip_trace_metadata(proto.graph)
+    nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN and n.op_type == OP_NAME]
+    for index, node in enumerate(nodes):
+        node.name = f"{OP_NAME}_{index}"
+    expected = model.config.attn_layers.count("lsh") if attention == "plugin" else 0
+    if len(nodes) != expected:
+        raise RuntimeError(f"exporter bug: {len(nodes)} {OP_NAME} nodes in the {attention} graph; expected {expected}")
+    if attention == "plugin" and not any(o.domain == ONNX_DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=ONNX_DOMAIN, version=OP_VERSION)
+    options = metadata.ExportOptions(attention, dtype, opset, max_length, lowering.output_name(model))
+    metadata.attach(proto, metadata.build(model.config, options))
+    return len(nodes)
+
+
+def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the tracer's per-node metadata (stack traces, fx names): most of a small file, and local paths."""
+    for item in (*graph.node, *graph.input, *graph.output, *graph.initializer, *graph.value_info):
+        del item.metadata_props[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_trace_metadata(attr.g)
+
+
+def _save(proto: onnx.ModelProto, tmp: Path, name: str) -> tuple[Path, bool]:
+    model_file = tmp / name
+    external = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    try:
+        if external:
+            onnx.save_model(proto, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{name}.data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(model_file))
+    except OSError as exc:
+        raise ExportError(f"output: cannot write {model_file.parent} ({exc.strerror})") from exc
+    return model_file, external
+
+
+def _validate(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: str, lengths: tuple[int, int],
+              log: Callable[[str], None] | None) -> validation.ValidationResult:
+    low, high = lengths
+    shapes = validation.validation_shapes(model.config.chunk_multiple, low, high, lowering.sample_length(model, high))
+    result = validation.validate(proto, model, attention, dtype, shapes)
+    for case in result.cases:
+        if log is not None:
+            log(f"validate [{case.batch}, {case.length}]{' ragged' if case.ragged else ''}: "
+                f"max abs diff {case.max_abs_diff:.3g} (rel {case.max_rel_diff:.3g})")
+    if result.ran and not result.passed:
+        worst = ", ".join(f"[{c.batch}, {c.length}] {c.max_abs_diff:.3g}" for c in result.cases)
+        raise ValidationError(f"validation: the exported graph differs from the PyTorch model by "
+                              f"{result.max_diff:.3g} ({result.metric}); expected <= {result.tolerance:g}. "
+                              f"Per input shape (max abs diff): {worst}. The output was not written")
+    return result
+
+
+def _move_into_place(model_file: Path, target: Path, external: bool) -> None:
+    try:
+        if external:
+            os.replace(model_file.parent / f"{target.name}.data", target.parent / f"{target.name}.data")
+        os.replace(model_file, target)
+    except OSError as exc:
+        raise ExportError(f"output: cannot write {target} ({exc.strerror})") from exc
+
+
+def _size(target: Path, external: bool) -> int:
+    size = target.stat().st_size
+    return size + (target.parent / f"{target.name}.data").stat().st_size if external else size
