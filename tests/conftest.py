@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels can only run under Triton's interpreter, which must be switched on before triton
+# is first imported -- by whichever test module gets there first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 #: Keyword sets for transformers.ReformerConfig, one per architecture family the project must match.
 ARCHITECTURES = {
