@@ -17,6 +17,8 @@ from reformer_rt.models import ReformerError
 COMMANDS = (
     "reformer_rt.runtime.demo",
     "reformer_rt.export.cli",
+    "reformer_rt.runtime.run_cmd",
+    "reformer_rt.runtime.bench",
 )
 
 

@@ -1,0 +1,71 @@
+"""Batching contract: which sequences may share a forward pass, and in which micro-batches.
+
+HF's LSH attention is not padding-invariant: padding a sequence beyond its own chunk multiple moves where each
+hash round starts in the sorted order and changes its outputs. So a sequence only ever shares a batch with
+sequences that the model runs at the SAME padded length (``ReformerConfig.padded_length``), where masking makes
+batch-mates invisible to each other. Sequences no longer than the shortest chunk length are not padded by the
+model at all (every layer attends fully); they are batched together at the longest of them, which full attention
+with a key mask also leaves unchanged.
+
+Within a length bucket, sequences are cut into micro-batches of at most ``max_tokens_per_batch`` padded tokens
+(at least one sequence each), in input order. The plan is pure data; the Session executes it and returns exactly
+one result per input sequence, in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from reformer_rt.models import ReformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    indices: tuple[int, ...]  # positions in the caller's list
+    length: int  # padded length every sequence of this batch runs at
+
+    @property
+    def tokens(self) -> int:
+        return len(self.indices) * self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    batches: tuple[MicroBatch, ...]
+    real_tokens: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(b.tokens for b in self.batches)
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed positions that are padding."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+def bucket_length(config: ReformerConfig, length: int) -> int:
+    """The length bucket of a ``length``-token sequence: its own padded length (see module docstring)."""
+    if length <= config.min_chunk_length:
+        return config.min_chunk_length  # bucket id only: such batches run at their longest member
+    return config.padded_length(length)
+
+
+def plan_batches(config: ReformerConfig, lengths: list[int], max_tokens_per_batch: int) -> BatchPlan:
+    """Group ``lengths`` by bucket, then split each bucket into micro-batches under the token budget."""
+    buckets: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        buckets.setdefault(bucket_length(config, length), []).append(index)
+    batches: list[MicroBatch] = []
+    for bucket in sorted(buckets):
+        members = buckets[bucket]
+        if bucket == config.min_chunk_length:
+            run_length = max(lengths[i] for i in members)
+        else:
+            run_length = bucket
+        per_batch = max(1, max_tokens_per_batch // run_length)
+        for start in range(0, len(members), per_batch):
+            part = tuple(members[start:start + per_batch])
+            length = max(lengths[i] for i in part) if bucket == config.min_chunk_length else run_length
+            batches.append(MicroBatch(part, length))
+    return BatchPlan(tuple(batches), real_tokens=sum(lengths))

@@ -1,0 +1,270 @@
+"""``reformer-rt bench``: latency, throughput and peak memory vs length and batch, every backend side by side.
+
+Each (backend, batch, length) point runs in a fresh worker process, so its peak memory (``ru_maxrss`` on CPU,
+``torch.cuda.max_memory_allocated`` on GPU) is its own; the baseline -- HF transformers eager on the same
+weights, when transformers is installed -- runs in the same invocation, the same way. Timings are the median
+of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is the crime-and-punishment
+architecture (6 layers, d=256, 2 heads x 128, local/LSH alternating, axial 512 x 1024) with random weights.
+
+Writes ``bench.json`` and ``bench.png`` (matplotlib) into ``--out`` and prints a markdown table with the machine.
+ONNX Runtime points use a portable export made once before timing (export time is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from reformer_rt.models import InputError, ReformerConfig, ReformerLM
+
+CRIME_AND_PUNISHMENT = ReformerConfig(
+    vocab_size=320, hidden_size=256, num_attention_heads=2, attention_head_size=128,
+    attn_layers=("local", "lsh", "local", "lsh", "local", "lsh"), feed_forward_size=512, hidden_act="relu",
+    is_decoder=True, axial_pos_embds=True, axial_pos_shape=(512, 1024), axial_pos_embds_dim=(64, 192),
+    max_position_embeddings=524288, lsh_attn_chunk_length=64, local_attn_chunk_length=64, num_hashes=1,
+    num_buckets=(64, 128), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+    local_num_chunks_before=1, local_num_chunks_after=0)
+WORKER_TIMEOUT_S = 1800
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="latency / throughput / peak memory per backend, with the HF baseline",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: random crime-and-"
+                   "punishment architecture)")
+    p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, tensorrt")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for every backend (default: all)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InputError(f"{name}: got {text!r}; expected comma-separated integers") from exc
+    if not values or min(values) < 1:
+        raise InputError(f"{name}: got {text!r}; expected positive integers")
+    return values
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+# ----------------------------------------------------------------------------------------------------- worker
+def _worker(spec: dict) -> dict:
+    """One measurement in this (fresh) process: load, warm up, time ``repeat`` runs."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    rng = np.random.default_rng(0)
+    config = ReformerConfig.from_json_file(Path(spec["checkpoint"]) / "config.json")
+    ids = rng.integers(0, config.vocab_size, (spec["batch"], spec["length"]), dtype=np.int64)
+    cuda = torch.cuda.is_available()
+    if spec["backend"] == "hf":
+        import transformers
+
+        model = transformers.ReformerModelWithLMHead.from_pretrained(spec["checkpoint"]).eval()
+        model = model.cuda() if cuda else model
+        tensor = torch.from_numpy(ids).to("cuda" if cuda else "cpu")
+
+        def step() -> None:
+            with torch.inference_mode():
+                model(tensor)
+    else:
+        from .session import Session
+
+        path = spec.get("onnx") or spec["checkpoint"]
+        session = Session(path, backend=spec["backend"], threads=spec["threads"],
+                          max_tokens_per_batch=spec["batch"] * spec["length"])
+
+        def step() -> None:
+            session.run(ids)
+
+    times = []
+    for i in range(spec["repeat"] + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first run is the warm-up
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    median = statistics.median(times)
+    return {"backend": spec["backend"], "batch": spec["batch"], "length": spec["length"], "seconds": median,
+            "tokens_per_s": spec["batch"] * spec["length"] / median, "peak_gb": peak / 1e9,
+            "memory": "cuda_max_allocated" if cuda else "peak_rss"}
+
+
+def _measure(spec: dict) -> dict:
+    command = [sys.executable, "-m", "reformer_rt.runtime.bench", "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {**_point(spec), "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**_point(spec), "error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _point(spec: dict) -> dict:
+    return {"backend": spec["backend"], "batch": spec["batch"], "length": spec["length"]}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def table(rows: list[dict]) -> str:
+    """Markdown table; ``vs HF`` is the time ratio to the transformers row of the same batch and length."""
+    base = {(r["batch"], r["length"]): r["seconds"] for r in rows if r["backend"] == "hf" and "seconds" in r}
+    lines = ["| backend | batch | length | time (s) | tokens/s | peak memory (GB) | vs HF |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['batch']} | {r['length']:,} | failed: {r['error']} | | | |")
+            continue
+        ref = base.get((r["batch"], r["length"]))
+        ratio = f"{r['seconds'] / ref:.2f}x" if ref else "-"
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['length']:,} | {r['seconds']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_gb']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def scaling(rows: list[dict]) -> dict[str, float]:
+    """time(longest)/time(shortest) per backend at batch 1 -- linear scaling gives the length ratio."""
+    out = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        points = sorted((r["length"], r["seconds"]) for r in rows
+                        if r["backend"] == backend and r["batch"] == 1 and "seconds" in r)
+        if len(points) >= 2:
+            out[backend] = points[-1][1] / points[0][1]
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backend in sorted({r["backend"] for r in rows}):
+        points = sorted((r["length"], r["seconds"]) for r in rows
+                        if r["backend"] == backend and r["batch"] == 1 and "seconds" in r)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=backend)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="forward time (s), batch 1",
+           title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    lengths, batches = _ints(args.lengths, "--lengths"), _ints(args.batches, "--batches")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
+    if unknown:
+        raise InputError(f"--backends: got {unknown}; expected torch, onnxruntime and/or tensorrt")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="reformer-rt-bench-") as tmp:
+        checkpoint = args.model or Path(tmp) / "model"
+        if args.model is None:
+            import torch
+
+            torch.manual_seed(0)
+            ReformerLM(CRIME_AND_PUNISHMENT).save_pretrained(checkpoint)
+        onnx_path = None
+        if "onnxruntime" in backends:
+            from reformer_rt.export import export_onnx
+
+            onnx_path = Path(tmp) / "model.onnx"
+            export_onnx(checkpoint, onnx_path, attention="portable", validate=False, log=None)
+        specs = [{"backend": b, "batch": batch, "length": length, "repeat": args.repeat, "threads": args.threads,
+                  "checkpoint": str(checkpoint), "onnx": str(onnx_path) if b == "onnxruntime" else None}
+                 for batch in batches for length in lengths
+                 for b in (["hf"] if args.hf and _has_transformers() else []) + backends]
+        rows = []
+        for spec in specs:
+            rows.append(_measure(spec))
+            if not args.quiet:
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    name = machine()
+    report = {"machine": name, "date": datetime.date.today().isoformat(), "python": platform.python_version(),
+              "versions": _versions(), "model": str(args.model or "random crime-and-punishment architecture"),
+              "rows": rows, "time_ratio_longest_to_shortest": scaling(rows)}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plotted = plot(rows, args.out / "bench.png", f"reformer-rt bench on {name}")
+    print(f"machine: {name}, {report['date']}\n\n{table(rows)}\n")
+    print(f"time ratio longest/shortest length: {json.dumps(scaling(rows))}")
+    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if plotted else
+                                                 " (pip install matplotlib for the plot)"))
+    return 0
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {}
+    for name in ("torch", "onnxruntime", "transformers", "triton", "tensorrt"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,124 @@
+"""``reformer-rt run``: token ids or text in, model outputs out (JSON or NPY), through a ``Session``.
+
+Inputs: ``--ids FILE`` (JSON list of id lists, or a 2-D .npy int array) or ``--text FILE`` (repeatable; each file
+is one sequence, ``-`` reads stdin). Outputs: ``-o OUT.npy`` (the padded output array; ``OUT.lengths.npy`` beside
+it), ``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON
+summary on stdout (backend, shapes, padding waste, and for language models the bits per token of the input).
+Files are written atomically: a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from reformer_rt.models import InputError
+
+from .session import BACKENDS, DEFAULT_MAX_TOKENS, Session
+from .tokenizers import load_tokenizer
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run a model on token ids or text", description=__doc__.split("\n\n")[1])
+    p.add_argument("model", type=Path, help="checkpoint directory, exported .onnx, or TensorRT engine")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ids", type=Path, help="JSON list of token-id lists, or a 2-D .npy array")
+    source.add_argument("--text", action="append", help="text file, one sequence each (repeatable; - = stdin)")
+    p.add_argument("-o", "--output", type=Path, help="write outputs to OUT.npy or OUT.json")
+    p.add_argument("--embed", choices=("mean", "last"), help="write one embedding per sequence instead")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--tokenizer", type=Path, help="directory holding the tokenizer (default: the model's)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--quiet", action="store_true", help="print only the JSON summary")
+    p.set_defaults(func=run)
+
+
+def _read_ids(path: Path) -> list[list[int]] | np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--ids: cannot read {path} ({exc}); expected a JSON list of id lists or a .npy array")
+    if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
+        raise InputError(f"--ids: {path} holds {type(data).__name__}; expected a JSON list of id lists")
+    return data
+
+
+def _read_texts(names: list[str], session: Session, tokenizer_dir: Path | None) -> list[list[int]]:
+    directory = tokenizer_dir or (session.path if session.path.is_dir() else None)
+    tokenizer = load_tokenizer(directory, session.config)
+    texts = []
+    for name in names:
+        try:
+            texts.append(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text: cannot read {name} ({exc})") from exc
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _bits_per_token(logits: np.ndarray, sequences: list, lengths: np.ndarray) -> list[float]:
+    out = []
+    for row, seq, n in zip(logits, sequences, lengths):
+        if n < 2:
+            out.append(float("nan"))
+            continue
+        x = row[:n - 1].astype(np.float64)
+        log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        picked = x[np.arange(n - 1), np.asarray(seq)[1:n]]
+        out.append(float((log_z - picked).mean() / math.log(2)))
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    path = path.absolute()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"--output: cannot write to {path.parent} ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output is not None and args.output.suffix not in (".npy", ".json"):
+        raise InputError(f"--output: got {args.output}; expected a .npy or .json file name")
+    session = Session(args.model, backend=args.backend, device=args.device,
+                      max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
+    sequences = _read_ids(args.ids) if args.ids else _read_texts(args.text, session, args.tokenizer)
+    if args.embed:
+        array, lengths = session.embed(sequences, pooling=args.embed), None
+    else:
+        result = session.run(sequences)
+        array, lengths = result[session.output_name], result["lengths"]
+    summary = {"backend": session.backend, "output": "embedding" if args.embed else session.output_name,
+               "shape": list(array.shape), "padding_waste": round(session.last_plan.padding_waste, 4)}
+    if lengths is not None:
+        summary["lengths"] = lengths.tolist()
+        if session.output_name == "logits":
+            rows = sequences if isinstance(sequences, list) else list(sequences)
+            summary["bits_per_token"] = [round(b, 4) for b in _bits_per_token(array, rows, lengths)]
+    if args.output is not None:
+        if args.output.suffix == ".npy":
+            _write_atomic(args.output, lambda f: np.save(f, array))
+            if lengths is not None:
+                _write_atomic(args.output.with_suffix(".lengths.npy"), lambda f: np.save(f, lengths))
+        else:
+            payload = {"lengths": None if lengths is None else lengths.tolist(), summary["output"]: array.tolist()}
+            _write_atomic(args.output, lambda f: f.write(json.dumps(payload).encode()))
+        summary["written"] = str(args.output)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,192 @@
+"""Session: every CPU backend agrees with the PyTorch model; batch invariance; micro-batching; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
+from reformer_rt.runtime import Session
+from reformer_rt.runtime.batching import plan_batches
+
+CONFIG = ReformerConfig(
+    vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
+    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(16, 32), axial_pos_embds_dim=(8, 24),
+    max_position_embeddings=512, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
+    num_buckets=(4, 4), hash_seed=1, is_decoder=True)
+LENGTHS = [5, 16, 23, 32, 40, 64, 70, 3]  # chunk multiples and not, shorter than a chunk, shared buckets
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ReformerLM(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    directory = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(directory)
+    return model, directory
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint, tmp_path_factory):
+    from reformer_rt.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(checkpoint[1], path, attention="portable", max_length=256, validate=False, log=None)
+    return path
+
+
+def _sequences(seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in LENGTHS]
+
+
+def _alone(model: ReformerLM, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([seq]))[0].numpy()
+
+
+def _check_against_alone(model, result, seqs, tol: float) -> None:
+    logits, lengths = result["logits"], result["lengths"]
+    assert logits.shape == (len(seqs), max(LENGTHS), CONFIG.vocab_size)
+    assert lengths.tolist() == [len(s) for s in seqs]
+    for i, seq in enumerate(seqs):
+        diff = np.abs(logits[i, :len(seq)] - _alone(model, seq)).max()
+        assert diff <= tol, f"sequence {i} (length {len(seq)}): {diff}"
+        assert not logits[i, len(seq):].any()  # padding of the result is zeros
+
+
+def test_torch_backend_ragged_batch_equals_each_sequence_alone(checkpoint) -> None:
+    model, directory = checkpoint
+    session = Session(directory, backend="torch", device="cpu")
+    assert session.backend == "torch"
+    _check_against_alone(model, session.run(_sequences()), _sequences(), tol=1e-5)
+
+
+def test_onnxruntime_backend_ragged_batch_equals_each_sequence_alone(checkpoint, onnx_file) -> None:
+    model, _ = checkpoint
+    session = Session(onnx_file, backend="auto", device="cpu")
+    assert session.backend == "onnxruntime" and "TensorRT unavailable" in session.backend_reason
+    _check_against_alone(model, session.run(_sequences()), _sequences(), tol=1e-4)
+
+
+def test_micro_batching_does_not_change_results(checkpoint) -> None:
+    _, directory = checkpoint
+    whole = Session(directory, backend="torch", device="cpu").run(_sequences(1))["logits"]
+    tiny = Session(directory, backend="torch", device="cpu", max_tokens_per_batch=20)
+    split = tiny.run(_sequences(1))["logits"]
+    assert len(tiny.last_plan.batches) == len(LENGTHS)  # budget below every length: one sequence per batch
+    assert np.abs(whole - split).max() <= 1e-5
+
+
+def test_two_dimensional_input_with_mask_equals_ragged_list(checkpoint) -> None:
+    _, directory = checkpoint
+    session = Session(directory, backend="torch", device="cpu")
+    seqs = _sequences(2)
+    array = np.zeros((len(seqs), max(LENGTHS)), dtype=np.int64)
+    mask = np.zeros_like(array)
+    for i, s in enumerate(seqs):
+        array[i, :len(s)], mask[i, :len(s)] = s, 1
+    assert np.array_equal(session.run(array, attention_mask=mask)["logits"], session.run(seqs)["logits"])
+
+
+def test_embed_pools_hidden_states_over_valid_tokens(checkpoint) -> None:
+    model, directory = checkpoint
+    session = Session(directory, backend="torch", device="cpu")
+    seqs = _sequences(3)
+    mean, last = session.embed(seqs, pooling="mean"), session.embed(seqs, pooling="last")
+    assert mean.shape == (len(seqs), 2 * CONFIG.hidden_size)
+    for i, seq in enumerate(seqs):
+        with torch.no_grad():
+            hidden = model.reformer(torch.tensor([seq]))[0].numpy()
+        assert np.abs(mean[i] - hidden.mean(0)).max() <= 1e-5
+        assert np.abs(last[i] - hidden[-1]).max() <= 1e-5
+
+
+def test_plan_groups_by_padded_length_and_respects_the_budget() -> None:
+    plan = plan_batches(CONFIG, LENGTHS, max_tokens_per_batch=64)
+    by_length = {b.length: b for b in plan.batches}
+    assert sorted(i for b in plan.batches for i in b.indices) == list(range(len(LENGTHS)))
+    assert all(b.tokens <= 64 or len(b.indices) == 1 for b in plan.batches)
+    assert set(by_length[16].indices) == {0, 1, 7}  # 5, 16 and 3 tokens: no layer pads them; run at 16
+    assert set(by_length[32].indices) == {2, 3}  # 23 pads to 32 like 32 itself
+    assert 0 < plan.padding_waste < 1
+
+
+@pytest.mark.parametrize("sequences,error,words", [
+    ([], InputError, "empty batch"),
+    ([[1, 2], []], InputError, "sequence 1: empty"),
+    ([[1, 2, 50]], InputError, "[0, 49]"),
+    ([[1, -3]], InputError, "token id -3"),
+    ([[1.5, 2.0]], InputTypeError, "integer"),
+    ([[0] * 513], InputError, "at most 512"),
+    ("hello", InputTypeError, "list of token-id lists"),
+    (np.zeros((2, 3, 4), dtype=np.int64), InputError, "[N, L]"),
+])
+def test_bad_input_is_rejected_and_session_stays_usable(checkpoint, sequences, error, words: str) -> None:
+    _, directory = checkpoint
+    session = Session(directory, backend="torch", device="cpu")
+    with pytest.raises(error) as info:
+        session.run(sequences)
+    assert words in str(info.value)
+    assert session.run([[1, 2, 3]])["logits"].shape == (1, 3, CONFIG.vocab_size)
+
+
+def test_bad_backend_choices_are_clear(checkpoint, onnx_file, tmp_path) -> None:
+    _, directory = checkpoint
+    with pytest.raises(InputError, match="backend"):
+        Session(directory, backend="jax")
+    with pytest.raises(ReformerError, match="needs a checkpoint directory"):
+        Session(onnx_file, backend="torch")
+    with pytest.raises(InputError, match="does not exist"):
+        Session(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    with pytest.raises(ReformerError):
+        Session(corrupt, backend="onnxruntime")
+
+
+def test_plugin_form_is_refused_by_onnxruntime(checkpoint, tmp_path) -> None:
+    from reformer_rt.export import export_onnx
+
+    path = tmp_path / "plugin.onnx"
+    export_onnx(checkpoint[1], path, attention="plugin", max_length=64, validate=False, log=None)
+    with pytest.raises(ReformerError, match="TensorRT only"):
+        Session(path, backend="onnxruntime")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
+    model, directory = checkpoint
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 2, 3, 4], list(range(40))]))
+    out = tmp_path / "out.npy"
+    result = _cli("run", str(directory), "--ids", str(ids), "-o", str(out), "--backend", "torch", "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["backend"] == "torch" and summary["lengths"] == [4, 40]
+    logits = np.load(out)
+    assert np.abs(logits[1] - _alone(model, list(range(40)))).max() <= 1e-5
+    assert np.load(tmp_path / "out.lengths.npy").tolist() == [4, 40]
+
+
+@pytest.mark.parametrize("content,words", [("[[1, 2], [99]]", "[0, 49]"), ("{", "cannot read"),
+                                           ("[]", "empty batch")])
+def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, content: str, words: str) -> None:
+    ids = tmp_path / "ids.json"
+    ids.write_text(content)
+    out = tmp_path / "out.npy"
+    result = _cli("run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch")
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
