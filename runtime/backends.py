@@ -84,6 +84,7 @@ class OnnxRuntimeBackend:
                                          "pip install onnxruntime-gpu")
             providers.insert(0, "CUDAExecutionProvider")
         session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3  # errors only: exporter leftovers trigger harmless warnings
         if threads:
             session_options.intra_op_num_threads = threads
         try:

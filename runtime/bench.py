@@ -82,8 +82,6 @@ def machine() -> str:
 # ----------------------------------------------------------------------------------------------------- worker
 def _worker(spec: dict) -> dict:
     """One measurement in this (fresh) process: load, warm up, time ``repeat`` runs."""
-    import resource
-
     import numpy as np
     import torch
 
@@ -123,12 +121,22 @@ def _worker(spec: dict) -> dict:
             torch.cuda.synchronize()
         if i:  # the first run is the warm-up
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     median = statistics.median(times)
     return {"backend": spec["backend"], "batch": spec["batch"], "length": spec["length"], "seconds": median,
             "tokens_per_s": spec["batch"] * spec["length"] / median, "peak_gb": peak / 1e9,
-            "memory": "cuda_max_allocated" if cuda else "peak_rss"}
+            "memory": "cuda_max_allocated" if cuda else "peak_rss_vmhwm"}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark. (``ru_maxrss`` would include the parent's: Linux keeps it
+    across fork + exec, and the parent may have exported a model.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure(spec: dict) -> dict:

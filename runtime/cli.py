@@ -19,6 +19,8 @@ COMMANDS = (
     "reformer_rt.export.cli",
     "reformer_rt.runtime.run_cmd",
     "reformer_rt.runtime.bench",
+    "reformer_rt.runtime.build_cmd",
+    "reformer_rt.runtime.doctor",
 )
 
 

@@ -1,26 +1,30 @@
 """``reformer-rt demo``: the main job on the bundled demo model, end to end, in one command.
 
-Loads the byte-level demo LM shipped inside the package, runs a batch of long sequences (held-out Python standard
-library source, the demo model's evaluation corpus) through it, and prints the throughput with the machine it ran
-on, the model's bits per character on that batch, and a short generated sample.
+Bundled byte-level LM -> ONNX export (portable form, made once and cached) -> a Session on the best backend
+this machine has -> a ragged batch of long sequences (held-out Python standard library source, the demo model's
+evaluation text) -> parity of every output with the PyTorch model -> throughput on this machine, bits per
+character, and a short sample generated through the same Session.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import platform
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from reformer_rt.models import InputError, ReformerLM
-from reformer_rt.models.lsh_op import select_implementation
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus
+
+from .bench import machine
+from .session import BACKENDS, Session
 
 DEFAULT_PROMPT = "def "
 
@@ -30,76 +34,109 @@ def demo_model_dir() -> Path:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="run the bundled demo model on a batch of long sequences",
+    p = subparsers.add_parser("demo", help="bundled model -> ONNX -> best backend -> long ragged batch -> parity",
                               description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--batch", type=int, default=4, help="sequences in the long batch (default 4)")
-    p.add_argument("--length", type=int, default=16384, help="tokens per sequence (default 16384)")
+    p.add_argument("--lengths", default="16384,12288,7000,3000",
+                   help="comma-separated token counts of the batch's sequences (default 16384,12288,7000,3000)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--generate", type=int, default=160, help="bytes to sample (default 160; 0 = skip)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"sampling prompt (default {DEFAULT_PROMPT!r})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def _machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def long_batch(tokenizer: ByteTokenizer, batch: int, length: int) -> torch.Tensor:
-    """``batch`` consecutive windows of the held-out corpus (repeated if it is too short)."""
+def long_batch(tokenizer: ByteTokenizer, lengths: list[int]) -> list[list[int]]:
+    """Consecutive slices of the held-out corpus, one per requested length (wrapping if it runs out)."""
     _, held_out, _ = corpus()
-    need = batch * length
-    data = (held_out * (need // len(held_out) + 1))[:need]
-    ids = torch.tensor(list(data), dtype=torch.long) + tokenizer.offset
-    return ids.view(batch, length)
+    data = held_out * (sum(lengths) // len(held_out) + 1)
+    out, start = [], 0
+    for n in lengths:
+        out.append([b + tokenizer.offset for b in data[start:start + n]])
+        start += n
+    return out
 
 
-@torch.no_grad()
-def sample(model: ReformerLM, tokenizer: ByteTokenizer, prompt: str, n: int, seed: int,
+def sample(session: Session, tokenizer: ByteTokenizer, prompt: str, n: int, seed: int,
            temperature: float = 0.7, top_k: int = 20) -> str:
-    """Top-k sampling, recomputing the (short) context each step: no cache, same model path as the batch."""
+    """Top-k sampling through the Session, recomputing a short context each step (no cache)."""
     ids = tokenizer.encode(prompt)
     if not ids:
         raise InputError("--prompt: got an empty prompt; expected at least one character")
-    generator = torch.Generator().manual_seed(seed)
-    window = 4 * model.config.lsh_attn_chunk_length
+    rng = np.random.default_rng(seed)
+    window = 4 * session.config.lsh_attn_chunk_length
     for _ in range(n):
-        logits = model(torch.tensor([ids[-window:]]))[0, -1] / temperature
-        top = torch.topk(logits, top_k)
-        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-        ids.append(int(top.indices[choice]))
+        logits = session.run([ids[-window:]])["logits"][0, -1].astype(np.float64) / temperature
+        top = np.argsort(logits)[-top_k:]
+        probs = np.exp(logits[top] - logits[top].max())
+        ids.append(int(rng.choice(top, p=probs / probs.sum())))
     return tokenizer.decode(ids)
 
 
+def _lengths(text: str, limit: int) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InputError(f"--lengths: got {text!r}; expected comma-separated integers") from exc
+    if not lengths or min(lengths) < 2 or max(lengths) > limit:
+        raise InputError(f"--lengths: got {text!r}; expected lengths in [2, {limit}] (the demo model's "
+                         "max_position_embeddings)")
+    return lengths
+
+
+def _stage(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(f"... {text}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.length < 2:
-        raise InputError(f"--batch/--length: got {args.batch}/{args.length}; expected >= 1 and >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = demo_model_dir()
     model = ReformerLM.from_pretrained(directory)
     tokenizer = ByteTokenizer.load(directory)
-    limit = model.config.max_position_embeddings
-    if args.length > limit:
-        raise InputError(f"--length: got {args.length}; expected at most {limit} (the demo model's "
-                         "max_position_embeddings)")
-    print(f"model: {directory} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{model.config.num_layers} layers {list(model.config.attn_layers)})")
-    ids = long_batch(tokenizer, args.batch, args.length)
-    print(f"batch: {args.batch} x {args.length:,} tokens of held-out Python source")
-    model(ids[:, :256])  # warm-up: first-call allocations are not the model's speed
+    lengths = _lengths(args.lengths, model.config.max_position_embeddings)
+    print(f"model: bundled demo LM, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{model.config.num_layers} layers {'/'.join(model.config.attn_layers)}, "
+          f"{model.config.num_hashes} hash rounds")
+    _stage(args.quiet, "opening a session (the first run exports the model to ONNX, once)")
+    session = Session(directory, backend=args.backend, threads=args.threads, progress=not args.quiet)
+    print(f"backend: {session.backend} ({session.backend_reason})")
+    sequences = long_batch(tokenizer, lengths)
+    session.run([seq[:256] for seq in sequences[:1]])  # warm-up: first-call allocations are not the speed
+    _stage(args.quiet, f"running {len(lengths)} sequences, {sum(lengths):,} tokens")
     started = time.perf_counter()
-    with torch.no_grad():
-        logits = model(ids)
+    logits = session.run(sequences)["logits"]
     seconds = time.perf_counter() - started
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
-    print(f"forward: {seconds:.2f} s, {ids.numel() / seconds:,.0f} tokens/s on {_machine()} "
-          f"(PyTorch {torch.__version__}, LSH op: {select_implementation(ids.device)})")
-    print(f"bits per character on the batch: {loss / math.log(2):.3f}")
+    plan = session.last_plan
+    print(f"batch: {len(lengths)} sequences of {', '.join(f'{n:,}' for n in lengths)} tokens -> "
+          f"{len(plan.batches)} micro-batches, padding waste {plan.padding_waste:.1%}")
+    print(f"throughput: {sum(lengths) / seconds:,.0f} tokens/s ({seconds:.2f} s) on {machine()}")
+    _stage(args.quiet, "checking every output against the PyTorch model")
+    worst = _parity(model, sequences, logits)
+    print(f"parity with PyTorch: max abs diff {worst:.2e} on logits over all {sum(lengths):,} positions")
+    bits = _bits_per_char(logits, sequences)
+    print(f"bits per character on the batch: {bits:.3f}")
     if args.generate:
-        text = sample(model, tokenizer, args.prompt, args.generate, args.seed)
+        text = sample(session, tokenizer, args.prompt, args.generate, args.seed)
         print("sample:\n" + "-" * 60 + f"\n{text}\n" + "-" * 60)
     return 0
 
+
+@torch.no_grad()
+def _parity(model: ReformerLM, sequences: list[list[int]], logits: np.ndarray) -> float:
+    worst = 0.0
+    for i, seq in enumerate(sequences):
+        expected = model(torch.tensor([seq]))[0].numpy()
+        worst = max(worst, float(np.abs(logits[i, :len(seq)] - expected).max()))
+    return worst
+
+
+def _bits_per_char(logits: np.ndarray, sequences: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for row, seq in zip(logits, sequences):
+        x = torch.from_numpy(row[:len(seq) - 1])
+        total += F.cross_entropy(x, torch.tensor(seq[1:]), reduction="sum").item()
+        count += len(seq) - 1
+    return total / count / math.log(2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ class Session:
         if name == "onnxruntime":
             if kind == "engine":
                 raise BackendUnavailable(f"backend onnxruntime: {self.path} is a TensorRT engine")
-            onnx_path = self.path if kind == "onnx" else exported_for(self.path)
+            onnx_path = self.path if kind == "onnx" else exported_for(self.path, verbose=self.progress)
             return OnnxRuntimeBackend(onnx_path, self.device, threads)
         from .tensorrt_backend import TensorRTBackend  # ImportError inside says what to install
 
@@ -229,11 +230,14 @@ def _load_model(path: Path) -> ReformerLM | ReformerModel:
     return load_source(path)
 
 
-def exported_for(checkpoint: Path) -> Path:
-    """A portable ONNX export of ``checkpoint``, made once and kept in the cache directory."""
-    from reformer_rt.export import export_onnx
+def exported_for(checkpoint: Path, verbose: bool = False) -> Path:
+    """A portable ONNX export of ``checkpoint``, made once and kept in the cache directory.
 
-    digest = hashlib.sha256()
+    The cache key covers the checkpoint's files and the package version (a new exporter re-exports)."""
+    from reformer_rt.export import export_onnx
+    from reformer_rt.export.metadata import package_version
+
+    digest = hashlib.sha256(package_version().encode())
     for file in sorted(checkpoint.iterdir()):
         if file.is_file() and file.suffix in (".json", ".safetensors", ".bin"):
             digest.update(file.name.encode())
@@ -244,5 +248,6 @@ def exported_for(checkpoint: Path) -> Path:
     if not target.exists():
         log.info("reformer-rt: exporting %s to %s for ONNX Runtime (once)", checkpoint, target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, target, attention="portable")
+        export_onnx(checkpoint, target, attention="portable",
+                    log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
     return target

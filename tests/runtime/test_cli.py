@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +20,10 @@ from reformer_rt.models.train_demo import corpus, evaluate
 from reformer_rt.runtime.demo import demo_model_dir
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("reformer-rt")
     command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_help_lists_commands() -> None:
@@ -30,17 +32,22 @@ def test_help_lists_commands() -> None:
     assert "demo" in result.stdout
 
 
-def test_demo_runs_a_long_batch_and_samples() -> None:
-    result = _cli("demo", "--batch", "2", "--length", "2048", "--generate", "24", "--threads", "2")
+def test_demo_runs_the_pipeline_on_a_ragged_long_batch(tmp_path) -> None:
+    env = {**os.environ, "REFORMER_RT_CACHE": str(tmp_path)}
+    result = _cli("demo", "--lengths", "2048,1000,300", "--generate", "24", "--threads", "2", env=env)
     assert result.returncode == 0, result.stderr
-    assert "tokens/s" in result.stdout and "bits per character" in result.stdout
-    assert result.stdout.count("-" * 60) == 2
+    out = result.stdout
+    assert "backend: onnxruntime" in out and "tokens/s" in out and "bits per character" in out
+    diff = float(re.search(r"parity with PyTorch: max abs diff (\S+)", out).group(1))
+    assert diff <= 1e-4
+    assert out.count("-" * 60) == 2
+    assert list(tmp_path.glob("onnx/*.onnx"))  # the export is cached for the next run
 
 
 @pytest.mark.parametrize("args,words", [
-    (("demo", "--length", "99999999"), "--length"),
-    (("demo", "--batch", "0"), "--batch"),
-    (("demo", "--prompt", "", "--length", "128"), "--prompt"),
+    (("demo", "--lengths", "99999999"), "--lengths"),
+    (("demo", "--lengths", "12,x"), "--lengths"),
+    (("demo", "--prompt", "", "--lengths", "128", "--backend", "torch"), "--prompt"),
 ])
 def test_bad_arguments_exit_2_without_traceback(args, words: str) -> None:
     result = _cli(*args)
