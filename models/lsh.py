@@ -174,6 +174,17 @@ def look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return torch.cat(shifted, dim=3)
 
 
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B,H,N,D], rows [B,H,M] indices into N -> [B,H,M,D], copying whole rows.
+
+    One index_select over the flattened rows: it lowers to an ONNX ``Gather`` of contiguous rows, several times
+    faster in ONNX Runtime than the element-wise ``GatherElements`` / ``ScatterElements`` of torch.gather/scatter.
+    """
+    batch, heads, n, dim = x.shape
+    offsets = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * n
+    return x.reshape(batch * heads * n, dim).index_select(0, (rows + offsets).flatten()).view(batch, heads, -1, dim)
+
+
 def _keys(qk: torch.Tensor) -> torch.Tensor:
     norm = qk * torch.rsqrt(torch.mean(qk**2, dim=-1, keepdim=True) + LEN_NORM_EPS)
     return norm / math.sqrt(qk.shape[-1])
@@ -222,10 +233,9 @@ def lsh_hashed_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Ten
     n_hashes, chunk = attrs.num_hashes, attrs.chunk_length
     n_chunks = n_hashes * length // chunk
     order = lsh_sort(lsh_hash(q, rotations, mask, attrs)).reshape(batch, heads, n_hashes * length)
-    gather_rows = order.unsqueeze(-1).expand(-1, -1, -1, dim)
-    q_sorted = torch.gather(q, 2, gather_rows).view(batch, heads, n_chunks, chunk, dim)
-    k_sorted = torch.gather(_keys(q), 2, gather_rows).view(batch, heads, n_chunks, chunk, dim)
-    v_sorted = torch.gather(val, 2, gather_rows).view(batch, heads, n_chunks, chunk, dim)
+    q_sorted = _take_rows(q, order).view(batch, heads, n_chunks, chunk, dim)
+    k_sorted = _take_rows(_keys(q), order).view(batch, heads, n_chunks, chunk, dim)
+    v_sorted = _take_rows(val, order).view(batch, heads, n_chunks, chunk, dim)
 
     before, after = attrs.chunks_before, attrs.chunks_after
     q_pos = order.view(batch, heads, n_chunks, chunk)
@@ -240,9 +250,10 @@ def lsh_hashed_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Ten
     # (An offset per round broadcast over L, not repeat_interleave: the latter mis-lowers to ONNX for symbolic L.)
     rounds = torch.arange(n_hashes, device=qk.device).unsqueeze(-1) * length  # [n_hashes,1]
     target = (order.view(batch, heads, n_hashes, length) + rounds).view(batch, heads, n_hashes * length)
-    out = torch.empty_like(out_sorted.view(batch, heads, -1, dim)).scatter_(
-        2, target.unsqueeze(-1).expand(-1, -1, -1, dim), out_sorted.view(batch, heads, -1, dim))
-    lse = torch.empty_like(lse.view(batch, heads, -1)).scatter_(2, target, lse.view(batch, heads, -1))
+    sorted_rows = torch.arange(n_hashes * length, device=qk.device).expand_as(target)
+    undo = torch.empty_like(target).scatter_(2, target, sorted_rows)  # sorted row of each (round, position)
+    out = _take_rows(out_sorted.view(batch, heads, -1, dim), undo)
+    lse = torch.gather(lse.view(batch, heads, -1), 2, undo)
     out = out.view(batch, heads, n_hashes, length, dim)
     if n_hashes == 1:
         return out[:, :, 0].to(v.dtype).contiguous()
