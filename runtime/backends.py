@@ -18,6 +18,11 @@ import numpy as np
 import torch
 
 from reformer_rt.models import ReformerConfig, ReformerError, ReformerLM, ReformerModel
+from reformer_rt.models.modeling import FeedForward, LMHead
+
+#: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
+#: activations at long lengths; per-position math, so the results do not change.
+FEED_FORWARD_CHUNK = 8192
 
 
 class BackendUnavailable(ReformerError):
@@ -35,6 +40,9 @@ class TorchBackend:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device!r}: torch sees no CUDA GPU (torch {torch.__version__})")
         self.model = model.to(self.device).eval()
+        for module in self.model.modules():
+            if isinstance(module, (FeedForward, LMHead)) and module.chunk == 0:
+                module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.output_name = "logits" if isinstance(model, ReformerLM) else "last_hidden_state"
 

@@ -190,3 +190,43 @@ def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, c
     result = _cli("run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch")
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_triton_kernels_through_the_session_match_the_reference(checkpoint, monkeypatch) -> None:
+    """The torch backend with the Triton kernels forced (Triton's interpreter on this CPU) = the reference."""
+    pytest.importorskip("triton")
+    from reformer_rt.models.lsh_op import select_implementation
+
+    model, directory = checkpoint
+    seqs = [s[:40] for s in _sequences(4)[:3]]
+    expected = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
+    monkeypatch.setenv("REFORMER_RT_KERNELS", "triton")
+    assert select_implementation(torch.device("cpu")) == "triton"
+    got = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_sentencepiece_tokenizer_is_found_next_to_the_model(tmp_path) -> None:
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from reformer_rt.runtime.tokenizers import SentencePieceTokenizer, load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"),
+                                             vocab_size=40, model_type="unigram", minloglevel=2)
+    tokenizer = load_tokenizer(tmp_path, CONFIG)
+    assert isinstance(tokenizer, SentencePieceTokenizer)
+    ids = tokenizer.encode("the lazy dog")
+    assert ids and max(ids) < 40 and tokenizer.decode(ids) == "the lazy dog"
+
+
+def test_byte_tokenizer_is_the_fallback_for_a_258_token_vocabulary() -> None:
+    import dataclasses
+
+    from reformer_rt.models import ConfigError
+    from reformer_rt.models.tokenizer import ByteTokenizer
+    from reformer_rt.runtime.tokenizers import load_tokenizer
+
+    assert isinstance(load_tokenizer(None, dataclasses.replace(CONFIG, vocab_size=258)), ByteTokenizer)
+    with pytest.raises(ConfigError, match="--tokenizer"):
+        load_tokenizer(None, CONFIG)
