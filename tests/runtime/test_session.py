@@ -230,3 +230,16 @@ def test_byte_tokenizer_is_the_fallback_for_a_258_token_vocabulary() -> None:
     assert isinstance(load_tokenizer(None, dataclasses.replace(CONFIG, vocab_size=258)), ByteTokenizer)
     with pytest.raises(ConfigError, match="--tokenizer"):
         load_tokenizer(None, CONFIG)
+
+
+def test_onnxruntime_runs_large_batches_without_the_memory_arena(checkpoint, onnx_file, monkeypatch) -> None:
+    """Batches over LEAN_TOKENS use a second, arena-free session; results are the same."""
+    from reformer_rt.runtime import backends
+
+    model, _ = checkpoint
+    monkeypatch.setattr(backends, "LEAN_TOKENS", 48)
+    session = Session(onnx_file, backend="onnxruntime", device="cpu")
+    seqs = _sequences(5)
+    _check_against_alone(model, session.run(seqs), seqs, tol=1e-4)
+    lean = session._backend._lean_session
+    assert lean is not None and lean is not session._backend.session
