@@ -230,24 +230,21 @@ def _load_model(path: Path) -> ReformerLM | ReformerModel:
     return load_source(path)
 
 
-def exported_for(checkpoint: Path, verbose: bool = False) -> Path:
-    """A portable ONNX export of ``checkpoint``, made once and kept in the cache directory.
+def exported_for(checkpoint: Path, attention: str = "portable", verbose: bool = False) -> Path:
+    """An ONNX export of ``checkpoint`` in the given LSH form, made once and kept in the cache directory.
 
     The cache key covers the checkpoint's files and the package version (a new exporter re-exports)."""
     from reformer_rt.export import export_onnx
     from reformer_rt.export.metadata import package_version
 
-    digest = hashlib.sha256(package_version().encode())
-    for file in sorted(checkpoint.iterdir()):
-        if file.is_file() and file.suffix in (".json", ".safetensors", ".bin"):
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-    target = cache_dir() / "onnx" / f"{digest.hexdigest()[:24]}.onnx"
+    from .engine_builder import files_sha256  # imported here: engine_builder imports this module
+
+    files = sorted(f for f in checkpoint.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
+    digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}".encode()).hexdigest()
+    target = cache_dir() / "onnx" / f"{digest[:24]}-{attention}.onnx"
     if not target.exists():
-        log.info("reformer-rt: exporting %s to %s for ONNX Runtime (once)", checkpoint, target)
+        log.info("reformer-rt: exporting %s to %s (%s form, once)", checkpoint, target, attention)
         target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, target, attention="portable",
+        export_onnx(checkpoint, target, attention=attention,
                     log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
     return target

@@ -22,7 +22,6 @@ the TensorRT version and GPU architecture they were built with.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,9 +34,9 @@ from reformer_rt.models.lsh import OP_NAME, OP_NAMESPACE, PLUGIN_ATTRIBUTES, PLU
 
 from .engine_builder import (
     INPUT_NAMES, BatchLength, BuildOptions, EngineCache, EngineFileError, check_runtime_match, engine_for,
-    files_sha256, gpu_info, import_plugin, import_tensorrt, make_profile, plugin_metadata, read_engine_file,
+    gpu_info, import_plugin, import_tensorrt, make_profile, plugin_metadata, read_engine_file,
 )
-from .session import cache_dir
+from .session import cache_dir, exported_for
 
 if TYPE_CHECKING:  # imported for real in TensorRTBackend.__init__, after import_tensorrt() has checked it
     import tensorrt as trt
@@ -61,21 +60,6 @@ def plugin_registered() -> bool:
 
 def engine_cache() -> EngineCache:
     return EngineCache(cache_dir() / "engines")
-
-
-def plugin_export_for(checkpoint: Path) -> Path:
-    """A plugin-form ONNX export of ``checkpoint``, made once per checkpoint and package version, in the cache."""
-    from reformer_rt.export import export_onnx
-    from reformer_rt.export.metadata import package_version
-
-    files = sorted(f for f in checkpoint.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
-    digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}".encode()).hexdigest()
-    target = cache_dir() / "onnx" / f"{digest[:24]}-plugin.onnx"
-    if not target.exists():
-        log.info("reformer-rt: exporting %s to %s for TensorRT (once)", checkpoint, target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, target, attention="plugin", log=log.info)
-    return target
 
 
 class TensorRTBackend:
@@ -126,7 +110,7 @@ class TensorRTBackend:
             return cls(engine, record, device)
         if kind not in KINDS:
             raise InputError(f"kind: got {kind!r}; expected one of {KINDS}")
-        onnx_path = plugin_export_for(Path(path)) if kind == "checkpoint" else Path(path)
+        onnx_path = exported_for(Path(path), attention="plugin") if kind == "checkpoint" else Path(path)
         max_length = int(plugin_metadata(onnx_path)["export_options"]["max_length"])
         options = BuildOptions(make_profile(None, None, None, max_length))
         built = engine_for(onnx_path, options, engine_cache(), device, log=log.warning)
