@@ -144,16 +144,26 @@ def make_rotations(seed: int, num_heads: int, head_dim: int, attrs: LSHAttrs) ->
 
 
 # ------------------------------------------------------------------------------------------------- reference
-def lsh_hash(qk: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor, attrs: LSHAttrs) -> torch.Tensor:
-    """Bucket ids [B, H, n_hashes, L] (int64); padded positions get ``attrs.num_buckets``."""
+def lsh_candidates(qk: torch.Tensor, rotations: torch.Tensor, attrs: LSHAttrs) -> list[torch.Tensor]:
+    """Per bucket factor f, the scores ``[xR, -xR]`` [B, H, n_hashes, L, f] whose argmax is that factor's bucket."""
     # [B,H,L,D] x [H,D,n_hashes,rot/2] -> [B,H,n_hashes,L,rot/2]; HF's einsum, so fp32 results agree bit for bit.
     rotated = torch.einsum("bhld,hdnr->bhnlr", qk.float(), rotations.float())
-    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.int64, device=qk.device)
-    start, radix = 0, 1
+    out, start = [], 0
     for factor in attrs.bucket_factors:
         part = rotated[..., start:start + factor // 2]
-        buckets = buckets + radix * torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
-        start, radix = start + factor // 2, radix * factor
+        out.append(torch.cat([part, -part], dim=-1))
+        start += factor // 2
+    return out
+
+
+def lsh_hash(qk: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor, attrs: LSHAttrs) -> torch.Tensor:
+    """Bucket ids [B, H, n_hashes, L] (int64); padded positions get ``attrs.num_buckets``."""
+    candidates = lsh_candidates(qk, rotations, attrs)
+    buckets = torch.zeros(candidates[0].shape[:-1], dtype=torch.int64, device=qk.device)
+    radix = 1
+    for factor, scores in zip(attrs.bucket_factors, candidates):
+        buckets = buckets + radix * torch.argmax(scores, dim=-1)
+        radix *= factor
     valid = (mask != 0)[:, None, None, :]
     return torch.where(valid, buckets, torch.full_like(buckets, attrs.num_buckets))
 

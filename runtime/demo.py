@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from reformer_rt.models import InputError, ReformerLM
 from reformer_rt.models.attention import LSHSelfAttention
+from reformer_rt.models.lsh import lsh_candidates
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus
 
@@ -156,15 +157,13 @@ def hash_tie_gap(model: ReformerLM, seq: list[int]) -> float:
     gaps: list[float] = []
 
     def measure(module: torch.nn.Module, inputs: tuple) -> None:
-        x = inputs[0]
+        x, mask = inputs
         qk = module.query_key(x).view(*x.shape[:2], module.heads, module.head_dim).transpose(1, 2)
-        rotated = torch.einsum("bhld,hdnr->bhnlr", qk, module.rotations)
-        start = 0
-        for factor in module.attrs.bucket_factors:
-            part = rotated[..., start:start + factor // 2]
-            top2 = torch.cat([part, -part], dim=-1).topk(2, dim=-1).values
-            gaps.append(float(((top2[..., 0] - top2[..., 1]) / top2[..., 0].abs()).min()))
-            start += factor // 2
+        valid = (mask != 0)[:, None, None, :]  # padding (to the chunk multiple) gets its own bucket: no tie
+        for scores in lsh_candidates(qk, module.rotations, module.attrs):
+            top2 = scores.topk(2, dim=-1).values
+            gap = (top2[..., 0] - top2[..., 1]) / top2[..., 0].abs()
+            gaps.append(float(gap.masked_fill(~valid, float("inf")).min()))
 
     hooks = [m.register_forward_pre_hook(measure) for m in model.modules() if isinstance(m, LSHSelfAttention)]
     try:
