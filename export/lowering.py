@@ -35,10 +35,8 @@ from reformer_rt.models import ReformerLM, ReformerModel
 from reformer_rt.models.lsh_op import onnx_lowering
 
 from .errors import ExportError
+from .metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-LM_OUTPUT = "logits"
-BASE_OUTPUT = "last_hidden_state"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Batch size of the trace sample; 2 keeps torch.export from specializing the axis (it specializes 0 and 1).
 SAMPLE_BATCH = 2
@@ -111,9 +109,9 @@ def trace(model: Reformer, attention: str, dtype: str, max_length: int | None, o
     with torch.no_grad(), onnx_lowering(attention), _quiet():
         try:
             program = torch.onnx.export(
-                wrapper, (ids, torch.ones_like(ids)), dynamo=True, input_names=list(INPUT_NAMES),
+                wrapper, (ids, torch.ones_like(ids)), dynamo=True, input_names=list(GRAPH_INPUTS),
                 output_names=[output_name(model)], opset_version=opset,
-                dynamic_shapes={INPUT_NAMES[0]: axes, INPUT_NAMES[1]: axes}, verbose=False)
+                dynamic_shapes={GRAPH_INPUTS[0]: axes, GRAPH_INPUTS[1]: axes}, verbose=False)
         except Exception as exc:  # torch.export raises many types; the model is not the user's to fix
             raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__} ({attention}, {dtype}): "
                                f"{type(exc).__name__}: {exc}") from exc

@@ -75,10 +75,10 @@ from reformer_rt.models.lsh import (
 )
 
 PLUGIN_ID = OP_ID
-INPUT_NAMES = tuple(spec.name for spec in INPUTS)
+OP_INPUT_NAMES = tuple(spec.name for spec in INPUTS)
 #: Parameter lists TensorRT expects, in order: tensors, attributes, then its own ``outputs`` / ``stream``.
-REGISTER_PARAMETERS = INPUT_NAMES + ATTRIBUTE_NAMES
-AUTOTUNE_PARAMETERS = INPUT_NAMES + ("outputs",)
+REGISTER_PARAMETERS = OP_INPUT_NAMES + ATTRIBUTE_NAMES
+AUTOTUNE_PARAMETERS = OP_INPUT_NAMES + ("outputs",)
 IMPL_PARAMETERS = REGISTER_PARAMETERS + ("outputs", "stream")
 #: ``tensorrt.plugin`` registers every creator as version "1"; the ONNX node's ``plugin_version`` must match.
 QDP_VERSION = "1"
@@ -156,13 +156,13 @@ def output_rule(ranks: Sequence[int], types: Sequence[str]) -> str:
     """Check input ranks and type tokens (contract order); the output has ``v``'s shape and this type token."""
     expected_ranks = contract_ranks()
     if tuple(ranks) != expected_ranks:
-        raise ConfigError(f"{PLUGIN_ID}: got input ranks {dict(zip(INPUT_NAMES, ranks))}; expected "
-                          f"{dict(zip(INPUT_NAMES, expected_ranks))} ({', '.join(s.shape for s in INPUTS)})")
+        raise ConfigError(f"{PLUGIN_ID}: got input ranks {dict(zip(OP_INPUT_NAMES, ranks))}; expected "
+                          f"{dict(zip(OP_INPUT_NAMES, expected_ranks))} ({', '.join(s.shape for s in INPUTS)})")
     for combination in autotune_type_combinations():
         if tuple(types) == combination[:len(INPUTS)]:
             return combination[len(INPUTS)]
-    supported = [dict(zip(INPUT_NAMES, c)) for c in autotune_type_combinations()]
-    raise ConfigError(f"{PLUGIN_ID}: got input types {dict(zip(INPUT_NAMES, types))}; expected one of {supported} "
+    supported = [dict(zip(OP_INPUT_NAMES, c)) for c in autotune_type_combinations()]
+    raise ConfigError(f"{PLUGIN_ID}: got input types {dict(zip(OP_INPUT_NAMES, types))}; expected one of {supported} "
                       "(export with dtype float32 or float16: rotations stay float32 and the mask int32)")
 
 

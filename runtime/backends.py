@@ -1,24 +1,32 @@
 """Execution backends behind ``Session``: each runs ONE micro-batch of equally padded sequences.
 
-The interface is deliberately small: ``run(input_ids, attention_mask) -> numpy array [B, L, X]`` with int64
-[B, L] inputs whose length is already a chunk multiple (the Session pads), plus ``config``, ``output_name``
-(``logits`` or ``last_hidden_state``) and ``name``. Batching, bucketing and chunking live in the Session only.
+The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy [B, L, X]}``
+with int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
+``outputs`` (``logits`` and/or ``last_hidden_state``), plus ``name``, ``config``, ``output_name`` (its primary
+output) and ``max_length``. Batching, bucketing and derived outputs (last-position logits, pooling, ...) live in the
+Session only.
 
-* ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA, the reference on CPU).
+* ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA, the reference on CPU); a
+  language model gives both its logits and its last hidden state from one forward pass.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
-  and a CUDA device is asked for, else CPU). Plugin-form files need TensorRT and are refused with that reason.
+  and a CUDA device is asked for, else CPU); it gives the one output the file was exported with.
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from reformer_rt.models import ReformerConfig, ReformerError, ReformerLM, ReformerModel
+from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT
+from reformer_rt.models import InputError, ReformerConfig, ReformerLM, ReformerModel
 from reformer_rt.models.modeling import FeedForward, LMHead
+
+from .errors import BackendUnavailable
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
@@ -29,39 +37,63 @@ FEED_FORWARD_CHUNK = 8192
 LEAN_TOKENS = 1 << 17
 
 
-class BackendUnavailable(ReformerError):
-    """The requested backend cannot run here (library missing, no GPU, wrong artifact); says what to install."""
+class Backend(Protocol):
+    name: str
+    config: ReformerConfig
+    output_name: str  # the primary output: what ``run`` computes when no outputs are named
+    max_length: int  # the longest sequence it accepts
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The raw outputs ``run`` can compute, primary first."""
+        ...
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """One micro-batch: int64 [B, L] ids and mask -> {name: float32 [B, L, X]} for each requested output."""
+        ...
+
+
+def check_outputs(backend: Backend, outputs: Sequence[str] | None) -> tuple[str, ...]:
+    """The raw outputs to compute (default: the primary one), or an error naming what ``backend`` gives."""
+    wanted = (backend.output_name,) if outputs is None else tuple(outputs)
+    missing = [name for name in wanted if name not in backend.outputs]
+    if missing:
+        raise InputError(f"outputs: got {missing}; the {backend.name} backend gives {list(backend.outputs)} for this "
+                         "model (an ONNX file or engine holds only the output it was exported with; open the "
+                         "checkpoint directory with backend='torch' for both)")
+    return wanted
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, model: ReformerLM | ReformerModel, device: str = "cpu") -> None:
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise BackendUnavailable(f"device: got {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from exc
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailable(f"device {device!r}: torch sees no CUDA GPU (torch {torch.__version__})")
+        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for module in self.model.modules():
             if isinstance(module, (FeedForward, LMHead)) and module.chunk == 0:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
-        self.output_name = "logits" if isinstance(model, ReformerLM) else "last_hidden_state"
+        self.max_length = self.config.max_position_embeddings
+        self.output_name = LM_OUTPUT if isinstance(model, ReformerLM) else BASE_OUTPUT
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            ids = torch.from_numpy(input_ids).to(self.device)
-            mask = torch.from_numpy(attention_mask).to(self.device)
-            return self.model(ids, mask).float().cpu().numpy()
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (LM_OUTPUT, BASE_OUTPUT) if isinstance(self.model, ReformerLM) else (BASE_OUTPUT,)
 
-    def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        wanted = check_outputs(self, outputs)
         body = self.model.reformer if isinstance(self.model, ReformerLM) else self.model
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
-            return body(ids, mask).float().cpu().numpy()
+            hidden = body(ids, mask)
+            result = {BASE_OUTPUT: hidden} if BASE_OUTPUT in wanted else {}
+            if LM_OUTPUT in wanted:
+                result[LM_OUTPUT] = self.model.lm_head(hidden)
+            return {name: tensor.float().cpu().numpy() for name, tensor in result.items()}
 
 
 class OnnxRuntimeBackend:
@@ -73,32 +105,27 @@ class OnnxRuntimeBackend:
         except ImportError as exc:
             raise BackendUnavailable("backend onnxruntime: not installed; pip install onnxruntime "
                                      "(or onnxruntime-gpu for CUDA)") from exc
-        from reformer_rt.export import read_metadata
+        from reformer_rt.export import export_metadata
 
-        try:
-            meta = read_metadata(path)
-        except Exception as exc:  # onnx raises protobuf DecodeError and others for a corrupt file
-            raise BackendUnavailable(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
-        if "config" not in meta:
-            raise BackendUnavailable(f"{path}: no reformer_rt metadata; expected a file written by "
-                                     "`reformer-rt export`")
+        meta = export_metadata(path, attention="portable")
         options = meta["export_options"]
-        if options.get("attention") != "portable":
-            raise BackendUnavailable(f"{path}: attention={options.get('attention')!r} (LSHAttention plugin nodes) "
-                                     "runs on TensorRT only; export with --attention portable for ONNX Runtime")
         self.config = ReformerConfig.from_dict(meta["config"])
-        self.output_name = options["output_name"]
+        self.output_name: str = options["output_name"]
         self.max_length = int(options["max_length"])
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("backend onnxruntime on CUDA: CUDAExecutionProvider is missing; "
-                                         "pip install onnxruntime-gpu")
+                                         "pip install onnxruntime-gpu (reformer-rt doctor says what is installed)")
             self._providers.insert(0, "CUDAExecutionProvider")
         self._path, self._threads = path, threads
         self.session = self._open(arena=True)
         self._lean_session = None  # opened on the first batch over LEAN_TOKENS
         self.providers = self.session.get_providers()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output_name,)
 
     def _open(self, arena: bool):
         import onnxruntime as ort
@@ -113,12 +140,14 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise BackendUnavailable(f"{self._path}: ONNX Runtime cannot load it ({exc})") from exc
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        check_outputs(self, outputs)
+        feeds = dict(zip(GRAPH_INPUTS, (input_ids, attention_mask)))
         session = self.session
         if input_ids.size > LEAN_TOKENS:
             if self._lean_session is None:
                 self._lean_session = self._open(arena=False)
             session = self._lean_session
         out = session.run([self.output_name], feeds)[0]
-        return out.astype(np.float32, copy=False)
+        return {self.output_name: out.astype(np.float32, copy=False)}

@@ -9,7 +9,8 @@ with a key mask also leaves unchanged.
 
 Within a length bucket, sequences are cut into micro-batches of at most ``max_tokens_per_batch`` padded tokens
 (at least one sequence each), in input order. The plan is pure data; the Session executes it and returns exactly
-one result per input sequence, in input order.
+one result per input sequence, in input order. The server's scheduler forms its micro-batches across requests by
+the same rules (``bucket_length``, ``run_length``, ``sequences_per_batch``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def bucket_length(config: ReformerConfig, length: int) -> int:
     return config.padded_length(length)
 
 
+def run_length(config: ReformerConfig, lengths: list[int]) -> int:
+    """The padded length a micro-batch of sequences with these ``lengths`` (one bucket) runs at."""
+    buckets = {bucket_length(config, n) for n in lengths}
+    assert len(buckets) == 1, f"a micro-batch spans length buckets {sorted(buckets)}"
+    bucket = buckets.pop()
+    return max(lengths) if bucket == config.min_chunk_length else bucket
+
+
+def sequences_per_batch(bucket: int, max_tokens_per_batch: int) -> int:
+    """How many sequences of a bucket fit the token budget (at least one)."""
+    return max(1, max_tokens_per_batch // bucket)
+
+
 def plan_batches(config: ReformerConfig, lengths: list[int], max_tokens_per_batch: int) -> BatchPlan:
     """Group ``lengths`` by bucket, then split each bucket into micro-batches under the token budget."""
     buckets: dict[int, list[int]] = {}
@@ -59,13 +73,9 @@ def plan_batches(config: ReformerConfig, lengths: list[int], max_tokens_per_batc
     batches: list[MicroBatch] = []
     for bucket in sorted(buckets):
         members = buckets[bucket]
-        if bucket == config.min_chunk_length:
-            run_length = max(lengths[i] for i in members)
-        else:
-            run_length = bucket
-        per_batch = max(1, max_tokens_per_batch // run_length)
+        per_batch = sequences_per_batch(bucket if bucket != config.min_chunk_length
+                                        else max(lengths[i] for i in members), max_tokens_per_batch)
         for start in range(0, len(members), per_batch):
             part = tuple(members[start:start + per_batch])
-            length = max(lengths[i] for i in part) if bucket == config.min_chunk_length else run_length
-            batches.append(MicroBatch(part, length))
+            batches.append(MicroBatch(part, run_length(config, [lengths[i] for i in part])))
     return BatchPlan(tuple(batches), real_tokens=sum(lengths))

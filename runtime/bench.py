@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
+
+from .hardware import machine_name
 
 CRIME_AND_PUNISHMENT = ReformerConfig(
     vocab_size=320, hidden_size=256, num_attention_heads=2, attention_head_size=128,
@@ -61,22 +62,6 @@ def _ints(text: str, name: str) -> list[int]:
     if not values or min(values) < 1:
         raise InputError(f"{name}: got {text!r}; expected positive integers")
     return values
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 # ----------------------------------------------------------------------------------------------------- worker
@@ -239,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(_measure(spec))
             if not args.quiet:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    name = machine()
+    name = machine_name()
     report = {"machine": name, "date": datetime.date.today().isoformat(), "python": platform.python_version(),
               "versions": _versions(), "model": str(args.model or "random crime-and-punishment architecture"),
               "rows": rows, "time_ratio_longest_to_shortest": scaling(rows)}

@@ -18,13 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from reformer_rt.export.metadata import export_metadata
 from reformer_rt.models import InputError
 
-from .engine_builder import (
-    BuildOptions, EngineCache, engine_for, make_profile, parse_batch_length, plugin_metadata, sidecar_path,
-    write_engine_file,
-)
-from .session import cache_dir
+from .engine_builder import BuildOptions, engine_for
+from .engine_cache import EngineCache, sidecar_path, write_engine_file
+from .engine_profiles import make_profile, parse_batch_length
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metadata = plugin_metadata(args.model)
+    metadata = export_metadata(args.model, attention="plugin")
     max_length = int(metadata["export_options"]["max_length"])
     given = ((args.min_shape, "--min"), (args.opt_shape, "--opt"), (args.max_shape, "--max"))
     low, opt, high = (parse_batch_length(text, flag) if text else None for text, flag in given)
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--workspace-mib: got {args.workspace_mib}; expected a positive number of MiB")
     if args.output.is_dir():
         raise InputError(f"-o: {args.output} is a directory; expected a file path such as model.engine")
-    cache = None if args.no_cache else EngineCache(args.cache_dir or cache_dir() / "engines")
+    cache = None if args.no_cache else EngineCache(args.cache_dir)
     options = BuildOptions(profile, args.workspace_mib, args.timing_cache, tf32=not args.no_tf32)
     print(f"reformer-rt build: {args.model} (max length {max_length}), profile {profile}", file=sys.stderr)
     built = engine_for(args.model, options, cache, log=lambda line: print(line, file=sys.stderr))

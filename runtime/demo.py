@@ -25,7 +25,7 @@ from reformer_rt.models.lsh import lsh_candidates
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus
 
-from .bench import machine
+from .hardware import machine_name
 from .session import BACKENDS, Session
 
 DEFAULT_PROMPT = "def "
@@ -69,7 +69,7 @@ def sample(session: Session, tokenizer: ByteTokenizer, prompt: str, n: int, seed
     rng = np.random.default_rng(seed)
     window = 4 * session.config.lsh_attn_chunk_length
     for _ in range(n):
-        logits = session.run([ids[-window:]])["logits"][0, -1].astype(np.float64) / temperature
+        logits = session.run([ids[-window:]], outputs=["last_logits"])["last_logits"][0].astype(np.float64) / temperature
         top = np.argsort(logits)[-top_k:]
         probs = np.exp(logits[top] - logits[top].max())
         ids.append(int(rng.choice(top, p=probs / probs.sum())))
@@ -109,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
     session.run([seq[:256] for seq in sequences[:1]])  # warm-up: first-call allocations are not the speed
     _stage(args.quiet, f"running {len(lengths)} sequences, {sum(lengths):,} tokens")
     started = time.perf_counter()
-    logits = session.run(sequences)["logits"]
+    result = session.run(sequences)
     seconds = time.perf_counter() - started
-    plan = session.last_plan
+    logits, plan = result["logits"], result.plan
     print(f"batch: {len(lengths)} sequences of {', '.join(f'{n:,}' for n in lengths)} tokens -> "
           f"{len(plan.batches)} micro-batches, padding waste {plan.padding_waste:.1%}")
-    print(f"throughput: {sum(lengths) / seconds:,.0f} tokens/s ({seconds:.2f} s) on {machine()}")
+    print(f"throughput: {sum(lengths) / seconds:,.0f} tokens/s ({seconds:.2f} s) on {machine_name()}")
     _stage(args.quiet, "checking every output against the PyTorch model")
     _report_parity(model, sequences, logits)
     bits = _bits_per_char(logits, sequences)

@@ -29,7 +29,7 @@ import torch
 from reformer_rt.models import ReformerConfig, ReformerLM
 from reformer_rt.models.lsh import OP_ID
 
-from .backends import BackendUnavailable
+from .errors import BackendUnavailable
 
 OK, ABSENT, FAILED = "ok", "absent", "FAILED"
 TENSORRT, PLUGIN, SELF_TEST = "tensorrt", "lsh plugin", "tensorrt self-test"
@@ -160,7 +160,8 @@ def tensorrt_self_test() -> Check:
     from reformer_rt.export import export_onnx
     from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 
-    from .engine_builder import BuildOptions, engine_for, make_profile, parse_batch_length
+    from .engine_builder import BuildOptions, engine_for
+    from .engine_profiles import make_profile, parse_batch_length
     from .tensorrt_backend import TensorRTBackend
 
     model = tiny_model()
@@ -177,7 +178,7 @@ def tensorrt_self_test() -> Check:
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
         with torch.no_grad():
             expected = model(ids, mask).numpy()
-        got = backend.run(ids.numpy(), mask.numpy())
+        got = backend.run(ids.numpy(), mask.numpy())[backend.output_name]
         worst = max(worst, float(np.abs(got - expected)[mask.numpy() != 0].max()))
     status = OK if worst <= FP32_ABS_TOL else FAILED
     return Check(SELF_TEST, status, f"engine vs PyTorch on {len(SELF_TEST_CASES)} batches: max abs diff "

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from reformer_rt.models import InputError
 
-from .session import BACKENDS, DEFAULT_MAX_TOKENS, Session
+from .artifacts import DEFAULT_MAX_TOKENS, write_atomic
+from .session import BACKENDS, Session
 from .tokenizers import load_tokenizer
 
 
@@ -65,32 +64,9 @@ def _read_texts(names: list[str], session: Session, tokenizer_dir: Path | None) 
     return [tokenizer.encode(t) for t in texts]
 
 
-def _bits_per_token(logits: np.ndarray, sequences: list, lengths: np.ndarray) -> list[float]:
-    out = []
-    for row, seq, n in zip(logits, sequences, lengths):
-        if n < 2:
-            out.append(float("nan"))
-            continue
-        x = row[:n - 1].astype(np.float64)
-        log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
-        picked = x[np.arange(n - 1), np.asarray(seq)[1:n]]
-        out.append(float((log_z - picked).mean() / math.log(2)))
-    return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    path = path.absolute()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise InputError(f"--output: cannot write to {path.parent} ({exc.strerror})") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _bits_per_token(log_probs: list[np.ndarray]) -> list[float]:
+    """Mean bits per predicted token of each sequence (NaN for a single token: nothing is predicted)."""
+    return [float(-row.mean() / math.log(2)) if row.size else float("nan") for row in log_probs]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,25 +76,26 @@ def run(args: argparse.Namespace) -> int:
                       max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
     sequences = _read_ids(args.ids) if args.ids else _read_texts(args.text, session, args.tokenizer)
     if args.embed:
-        array, lengths = session.embed(sequences, pooling=args.embed), None
+        result = session.run(sequences, outputs=["embedding"], pooling=args.embed)
+        array, lengths = result["embedding"], None
     else:
-        result = session.run(sequences)
+        scoring = ["log_probs"] if session.output_name == "logits" else []
+        result = session.run(sequences, outputs=[session.output_name, *scoring])
         array, lengths = result[session.output_name], result["lengths"]
     summary = {"backend": session.backend, "output": "embedding" if args.embed else session.output_name,
-               "shape": list(array.shape), "padding_waste": round(session.last_plan.padding_waste, 4)}
+               "shape": list(array.shape), "padding_waste": round(result.plan.padding_waste, 4)}
     if lengths is not None:
         summary["lengths"] = lengths.tolist()
-        if session.output_name == "logits":
-            rows = sequences if isinstance(sequences, list) else list(sequences)
-            summary["bits_per_token"] = [round(b, 4) for b in _bits_per_token(array, rows, lengths)]
+        if "log_probs" in result:
+            summary["bits_per_token"] = [round(b, 4) for b in _bits_per_token(result.rows["log_probs"])]
     if args.output is not None:
         if args.output.suffix == ".npy":
-            _write_atomic(args.output, lambda f: np.save(f, array))
+            write_atomic(args.output, lambda f: np.save(f, array), label="--output")
             if lengths is not None:
-                _write_atomic(args.output.with_suffix(".lengths.npy"), lambda f: np.save(f, lengths))
+                write_atomic(args.output.with_suffix(".lengths.npy"), lambda f: np.save(f, lengths), label="--output")
         else:
             payload = {"lengths": None if lengths is None else lengths.tolist(), summary["output"]: array.tolist()}
-            _write_atomic(args.output, lambda f: f.write(json.dumps(payload).encode()))
+            write_atomic(args.output, json.dumps(payload).encode(), label="--output")
         summary["written"] = str(args.output)
     print(json.dumps(summary))
     return 0

@@ -1,7 +1,9 @@
 """``Session``: one API over the TensorRT, ONNX Runtime and PyTorch backends, for ragged batches of long sequences.
 
     session = Session("model.onnx")                    # or a checkpoint directory, or a TensorRT engine
-    out = session.run([[5, 7, 9], [4] * 70_000])       # {"logits": [N, L_max, V], "lengths": [N]}
+    out = session.run([[5, 7, 9], [4] * 70_000])       # out["logits"]: [N, L_max, V]; out["lengths"]: [N]
+    out.plan.padding_waste                             # how the call was batched
+    session.run(seqs, outputs=["last_logits", "embedding"], top_k=5)  # derived outputs (``outputs.py``)
     vectors = session.embed(sequences, pooling="mean") # [N, 2*hidden]
 
 Contract (the batching rules are in ``batching.py``): a call takes N sequences and returns exactly one result
@@ -17,11 +19,9 @@ a portable ONNX file once, into the cache directory). The choice and the reason 
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
-import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,47 +29,49 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reformer_rt.models import InputError, InputTypeError, ReformerLM, ReformerModel
-from reformer_rt.models.checkpoint import CONFIG_FILE
+from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerLM, ReformerModel
 
-from .backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend
+from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
+from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
+from .errors import BackendUnavailable
+from .hardware import resolve_device
+from .outputs import OutputKind, OutputOptions, available_outputs, output_kind
+from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-DEFAULT_MAX_TOKENS = 1 << 17
-CACHE_ENV = "REFORMER_RT_CACHE"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reformer-rt")
-
-
-def artifact_kind(path: Path) -> str:
-    """'checkpoint' (a directory), 'onnx' or 'engine' -- or a clear error."""
-    if path.is_dir():
-        if not (path / CONFIG_FILE).exists():
-            raise InputError(f"{path}: a directory without {CONFIG_FILE}; expected a checkpoint directory")
-        return "checkpoint"
-    if not path.exists():
-        raise InputError(f"{path}: does not exist; expected a checkpoint directory, an .onnx file or an engine")
-    if path.suffix == ".onnx":
-        return "onnx"
-    if path.suffix in (".engine", ".plan", ".trt"):
-        return "engine"
-    raise InputError(f"{path}: unknown kind of file; expected a checkpoint directory, *.onnx, or *.engine")
 
 
 def tensorrt_ready() -> tuple[bool, str]:
     """Whether the TensorRT backend can run here, and why not."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
-    try:
-        from .tensorrt_backend import plugin_registered
-    except ImportError as exc:
-        return False, str(exc)
-    return (True, "GPU + tensorrt + plugin") if plugin_registered() else (False, "LSHAttention plugin not registered")
+    return (True, "GPU + tensorrt + plugin") if plugin_registered() else (False, "tensorrt or its LSHAttention "
+                                                                                "plugin is not usable")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult(Mapping[str, np.ndarray]):
+    """What ``Session.run`` returns: ``result[name]`` is an output padded with zeros to the longest sequence
+    (``[N, L_max, X]`` for per-position outputs, ``[N, X]`` for per-sequence ones), ``result["lengths"]`` the
+    lengths; ``rows[name][i]`` is sequence i's output unpadded; ``plan`` how the call was batched."""
+
+    rows: dict[str, list[np.ndarray]]
+    lengths: np.ndarray
+    plan: BatchPlan
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name == "lengths":
+            return self.lengths
+        return _pad_stack(self.rows[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.rows, "lengths"])
+
+    def __len__(self) -> int:
+        return len(self.rows) + 1
 
 
 class Session:
@@ -77,20 +79,26 @@ class Session:
                  max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, threads: int = 0, progress: bool = False) -> None:
         if backend not in BACKENDS:
             raise InputError(f"backend: got {backend!r}; expected one of {BACKENDS}")
-        if max_tokens_per_batch < 1:
-            raise InputError(f"max_tokens_per_batch: got {max_tokens_per_batch}; expected >= 1")
+        if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) \
+                or max_tokens_per_batch < 1:
+            raise InputError(f"max_tokens_per_batch: got {max_tokens_per_batch!r}; expected an integer >= 1")
         self.path = Path(path)
         kind = artifact_kind(self.path)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.progress = progress
         name, self.backend_reason = self._choose(backend, kind)
-        self._backend = self._open(name, kind, threads)
-        self.backend = self._backend.name
-        self.config = self._backend.config
-        self.output_name = self._backend.output_name
-        self.last_plan: BatchPlan | None = None
+        self._backend: Backend = self._open(name, kind, threads)
+        self.backend: str = self._backend.name
+        self.config: ReformerConfig = self._backend.config
+        self.output_name: str = self._backend.output_name
+        self.max_length: int = self._backend.max_length
         log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every output name ``run`` accepts for this model on this backend."""
+        return available_outputs(self._backend.outputs)
 
     # ------------------------------------------------------------------------------------------ backend choice
     def _choose(self, backend: str, kind: str) -> tuple[str, str]:
@@ -105,7 +113,7 @@ class Session:
             return "torch", f"TensorRT unavailable ({why}); PyTorch on CUDA runs the Triton kernels"
         return "onnxruntime", f"TensorRT unavailable ({why}); {'no CUDA' if self.device == 'cpu' else 'ONNX file'}"
 
-    def _open(self, name: str, kind: str, threads: int):
+    def _open(self, name: str, kind: str, threads: int) -> Backend:
         if name == "torch":
             if kind != "checkpoint":
                 raise BackendUnavailable(f"backend torch: needs a checkpoint directory; got a {kind} file "
@@ -116,50 +124,55 @@ class Session:
         if name == "onnxruntime":
             if kind == "engine":
                 raise BackendUnavailable(f"backend onnxruntime: {self.path} is a TensorRT engine")
-            onnx_path = self.path if kind == "onnx" else exported_for(self.path, verbose=self.progress)
+            onnx_path = self.path if kind == "onnx" else cached_export(self.path, verbose=self.progress)
             return OnnxRuntimeBackend(onnx_path, self.device, threads)
-        from .tensorrt_backend import TensorRTBackend  # ImportError inside says what to install
+        from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend.open(self.path, kind, self.device)
 
     # ---------------------------------------------------------------------------------------------- inference
-    def run(self, sequences: Any, attention_mask: Any = None) -> dict[str, np.ndarray]:
-        """Outputs for N sequences: ``{output_name: [N, L_max, X] float32, "lengths": [N] int64}``."""
-        seqs = self._normalize(sequences, attention_mask)
-        outputs = self._execute(seqs, self._backend.run)
-        return {self.output_name: _pad_stack(outputs), "lengths": np.array([len(s) for s in seqs])}
+    def run(self, sequences: Any, attention_mask: Any = None, outputs: Sequence[str] | None = None,
+            top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> RunResult:
+        """Outputs for N sequences (default: the model's own, ``logits`` or ``last_hidden_state``); each
+        sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option."""
+        kinds = self.output_kinds([self.output_name] if outputs is None else list(outputs))
+        options = OutputOptions(top_k, pooling)
+        seqs = self.check_sequences(sequences, attention_mask)
+        sources = tuple(dict.fromkeys(kind.source for kind in kinds))
+        plan = plan_batches(self.config, [len(s) for s in seqs], self.max_tokens_per_batch)
+        rows: dict[str, list[np.ndarray]] = {kind.name: [np.empty(0)] * len(seqs) for kind in kinds}
+        bar = tqdm(plan.batches, desc="micro-batches", unit="batch", disable=not self.progress or len(plan.batches) < 2)
+        for batch in bar:
+            raw = self.run_batch([seqs[i] for i in batch.indices], batch.length, sources)
+            for row, index in enumerate(batch.indices):
+                for kind in kinds:
+                    rows[kind.name][index] = kind.reduce(raw[kind.source][row], seqs[index], options)
+        return RunResult(rows, np.array([len(s) for s in seqs], dtype=np.int64), plan)
+
+    def output_kinds(self, names: Sequence[str]) -> list[OutputKind]:
+        """The output kinds called ``names`` (distinct, at least one), or an error listing what this model gives."""
+        if not names or len(set(names)) != len(names):
+            raise InputError(f"outputs: got {list(names)}; expected distinct names from {list(self.outputs)}")
+        return [output_kind(name, self._backend.outputs) for name in names]
+
+    def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+        """ONE forward pass over checked sequences that share a micro-batch (``batching.py`` decides which and
+        ``length``): each raw output in ``sources``, one unpadded [n_i, X] array per sequence."""
+        ids = np.zeros((len(seqs), length), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        raw = self._backend.run(ids, mask, sources)
+        return {name: [raw[name][row, :len(seq)] for row, seq in enumerate(seqs)] for name in sources}
 
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:
         """One vector per sequence [N, 2*hidden]: mean over its tokens, or its last token's hidden state."""
-        if pooling not in ("mean", "last"):
-            raise InputError(f"pooling: got {pooling!r}; expected 'mean' or 'last'")
-        if hasattr(self._backend, "hidden_states"):
-            fn = self._backend.hidden_states
-        elif self.output_name == "last_hidden_state":
-            fn = self._backend.run
-        else:
-            raise InputError(f"embed: {self.path} only outputs {self.output_name}; export the encoder instead "
-                             "(reformer-rt export ... --output hidden) or open the checkpoint with backend='torch'")
-        states = self._execute(self._normalize(sequences, attention_mask), fn)
-        return np.stack([s.mean(axis=0) if pooling == "mean" else s[-1] for s in states])
+        return self.run(sequences, attention_mask, outputs=["embedding"], pooling=pooling)["embedding"]
 
-    def _execute(self, seqs: list[np.ndarray], fn) -> list[np.ndarray]:
-        plan = plan_batches(self.config, [len(s) for s in seqs], self.max_tokens_per_batch)
-        results: list[np.ndarray | None] = [None] * len(seqs)
-        bar = tqdm(plan.batches, desc="micro-batches", unit="batch", disable=not self.progress or len(plan.batches) < 2)
-        for batch in bar:
-            ids = np.zeros((len(batch.indices), batch.length), dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for row, index in enumerate(batch.indices):
-                ids[row, :len(seqs[index])] = seqs[index]
-                mask[row, :len(seqs[index])] = 1
-            out = fn(ids, mask)
-            for row, index in enumerate(batch.indices):
-                results[index] = out[row, :len(seqs[index])]
-        self.last_plan = plan
-        return results  # type: ignore[return-value]
-
-    def _normalize(self, sequences: Any, attention_mask: Any) -> list[np.ndarray]:
+    def check_sequences(self, sequences: Any, attention_mask: Any = None) -> list[np.ndarray]:
+        """The sequences as int64 arrays, each checked against the model (non-empty, within the maximum length,
+        ids in the vocabulary); an ``InputError`` names the first bad one."""
         seqs = _as_sequences(sequences, attention_mask)
         vocab, limit = self.config.vocab_size, self.max_length
         for i, seq in enumerate(seqs):
@@ -173,10 +186,6 @@ class Session:
                 raise InputError(f"sequence {i}: token id {low if low < 0 else high}; expected ids in "
                                  f"[0, {vocab - 1}]")
         return seqs
-
-    @property
-    def max_length(self) -> int:
-        return int(getattr(self._backend, "max_length", self.config.max_position_embeddings))
 
 
 def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:
@@ -217,8 +226,9 @@ def _as_ids(seq: Any, index: int) -> np.ndarray:
 
 
 def _pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Per-sequence arrays [n_i, *rest] -> [N, max n_i, *rest], zero-padded (equal shapes simply stack)."""
     longest = max(a.shape[0] for a in arrays)
-    out = np.zeros((len(arrays), longest, arrays[0].shape[-1]), dtype=np.float32)
+    out = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
     for i, a in enumerate(arrays):
         out[i, :a.shape[0]] = a
     return out
@@ -229,22 +239,3 @@ def _load_model(path: Path) -> ReformerLM | ReformerModel:
 
     return load_source(path)
 
-
-def exported_for(checkpoint: Path, attention: str = "portable", verbose: bool = False) -> Path:
-    """An ONNX export of ``checkpoint`` in the given LSH form, made once and kept in the cache directory.
-
-    The cache key covers the checkpoint's files and the package version (a new exporter re-exports)."""
-    from reformer_rt.export import export_onnx
-    from reformer_rt.export.metadata import package_version
-
-    from .engine_builder import files_sha256  # imported here: engine_builder imports this module
-
-    files = sorted(f for f in checkpoint.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
-    digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}".encode()).hexdigest()
-    target = cache_dir() / "onnx" / f"{digest[:24]}-{attention}.onnx"
-    if not target.exists():
-        log.info("reformer-rt: exporting %s to %s (%s form, once)", checkpoint, target, attention)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(checkpoint, target, attention=attention,
-                    log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
-    return target

@@ -3,7 +3,7 @@
 ``TensorRTBackend.open(path, kind, device)`` accepts an engine file written by ``reformer-rt build`` (its record
 ``MODEL.engine.json`` supplies the model config), a plugin-form ONNX export (built through the engine cache with the
 default profile), or a checkpoint directory (exported to plugin-form ONNX in the cache directory first, once).
-``run(input_ids, attention_mask)`` follows the backend interface of ``backends.py``; ``run_torch`` returns the CUDA
+``run(input_ids, attention_mask)`` follows the ``Backend`` protocol of ``backends.py``; ``run_torch`` returns the CUDA
 tensor instead of numpy.
 
 Per call: input shapes are set on the context only when the batch shape changes, and the input/output buffers (torch
@@ -29,19 +29,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata
 from reformer_rt.models import InputError, ReformerConfig
 from reformer_rt.models.lsh import OP_NAME, OP_NAMESPACE, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR
 
-from .engine_builder import (
-    INPUT_NAMES, BatchLength, BuildOptions, EngineCache, EngineFileError, check_runtime_match, engine_for,
-    gpu_info, import_plugin, import_tensorrt, make_profile, plugin_metadata, read_engine_file,
-)
-from .session import cache_dir, exported_for
+from .artifacts import ARTIFACT_KINDS, cached_export
+from .backends import check_outputs
+from .engine_builder import BuildOptions, engine_for, import_plugin, import_tensorrt
+from .engine_cache import EngineCache, EngineFileError, check_runtime_match, read_engine_file
+from .engine_profiles import BatchLength, make_profile
+from .hardware import gpu_info
 
 if TYPE_CHECKING:  # imported for real in TensorRTBackend.__init__, after import_tensorrt() has checked it
     import tensorrt as trt
 
-KINDS = ("engine", "onnx", "checkpoint")
 log = logging.getLogger("reformer_rt")
 
 
@@ -56,10 +57,6 @@ def plugin_registered() -> bool:
         return trt.get_plugin_registry().get_creator(OP_NAME, version, OP_NAMESPACE) is not None
     except Exception:  # any failure means "not usable here"; callers only need the answer
         return False
-
-
-def engine_cache() -> EngineCache:
-    return EngineCache(cache_dir() / "engines")
 
 
 class TensorRTBackend:
@@ -90,10 +87,10 @@ class TensorRTBackend:
         self._stream = torch.cuda.Stream(self.device)
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in self._names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if sorted(inputs) != sorted(INPUT_NAMES) or self.output_name not in self._names:
-            raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(INPUT_NAMES)} and output "
+        if sorted(inputs) != sorted(GRAPH_INPUTS) or self.output_name not in self._names:
+            raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(GRAPH_INPUTS)} and output "
                                   f"{self.output_name!r} (an engine built by reformer-rt build)")
-        low, _, high = self._engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
+        low, _, high = self._engine.get_tensor_profile_shape(GRAPH_INPUTS[0], 0)
         self.min_shape, self.max_shape = BatchLength(low[0], low[1]), BatchLength(high[0], high[1])
         self._shape: tuple[int, int] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -108,18 +105,24 @@ class TensorRTBackend:
             engine, record = read_engine_file(Path(path))
             check_runtime_match(record, trt.__version__, gpu.compute_capability)
             return cls(engine, record, device)
-        if kind not in KINDS:
-            raise InputError(f"kind: got {kind!r}; expected one of {KINDS}")
-        onnx_path = exported_for(Path(path), attention="plugin") if kind == "checkpoint" else Path(path)
-        max_length = int(plugin_metadata(onnx_path)["export_options"]["max_length"])
+        if kind not in ARTIFACT_KINDS:
+            raise InputError(f"kind: got {kind!r}; expected one of {ARTIFACT_KINDS}")
+        onnx_path = cached_export(Path(path), attention="plugin") if kind == "checkpoint" else Path(path)
+        max_length = int(export_metadata(onnx_path, attention="plugin")["export_options"]["max_length"])
         options = BuildOptions(make_profile(None, None, None, max_length))
-        built = engine_for(onnx_path, options, engine_cache(), device, log=log.warning)
+        built = engine_for(onnx_path, options, EngineCache(), device, log=log.warning)
         return cls(built.engine, built.record, device)
 
     # --------------------------------------------------------------------------------------------- inference
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """int64 [B, L] ids and mask -> float32 numpy [B, L, X]."""
-        return self.run_torch(input_ids, attention_mask).float().cpu().numpy()
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output_name,)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+            outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """int64 [B, L] ids and mask -> ``{output_name: float32 [B, L, X]}`` (the engine has one output)."""
+        check_outputs(self, outputs)
+        return {self.output_name: self.run_torch(input_ids, attention_mask).float().cpu().numpy()}
 
     def run_torch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
         """As ``run``, but the output stays a CUDA tensor (in the engine's output dtype), ready on the current
@@ -144,8 +147,8 @@ class TensorRTBackend:
             ids, mask = (np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in (ids, mask))
         buffers = self._bind((ids.shape[0], ids.shape[1]))
         with torch.cuda.stream(self._stream):
-            buffers[INPUT_NAMES[0]].copy_(torch.from_numpy(np.ascontiguousarray(ids)))
-            buffers[INPUT_NAMES[1]].copy_(torch.from_numpy(np.ascontiguousarray(mask)))
+            buffers[GRAPH_INPUTS[0]].copy_(torch.from_numpy(np.ascontiguousarray(ids)))
+            buffers[GRAPH_INPUTS[1]].copy_(torch.from_numpy(np.ascontiguousarray(mask)))
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
             result = buffers[self.output_name][:rows].clone()  # the buffer is reused by the next call
@@ -159,7 +162,7 @@ class TensorRTBackend:
         if shape == self._shape:
             return self._buffers
         self._stream.synchronize()  # nothing of the previous call may run while the context is reconfigured
-        for name in INPUT_NAMES:
+        for name in GRAPH_INPUTS:
             if not self._context.set_input_shape(name, shape):
                 raise InputError(f"input shape {shape}: rejected by the engine (profile {self.min_shape}.."
                                  f"{self.max_shape}); rebuild with reformer-rt build --min/--max")

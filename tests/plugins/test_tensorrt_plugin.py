@@ -32,7 +32,7 @@ from reformer_rt.models.lsh import (
     PLUGIN_NAMESPACE_ATTR, PLUGIN_VERSION_ATTR, LSHAttrs, lsh_attention_reference, make_rotations,
 )
 from reformer_rt.runtime import engine_builder
-from reformer_rt.runtime.backends import BackendUnavailable
+from reformer_rt.runtime.errors import BackendUnavailable
 
 MODULE = "reformer_rt.plugins.tensorrt_plugin"
 SOURCE = Path(importlib.util.find_spec(MODULE).origin)  # type: ignore[arg-type, union-attr]

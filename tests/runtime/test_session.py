@@ -81,8 +81,9 @@ def test_micro_batching_does_not_change_results(checkpoint) -> None:
     _, directory = checkpoint
     whole = Session(directory, backend="torch", device="cpu").run(_sequences(1))["logits"]
     tiny = Session(directory, backend="torch", device="cpu", max_tokens_per_batch=20)
-    split = tiny.run(_sequences(1))["logits"]
-    assert len(tiny.last_plan.batches) == len(LENGTHS)  # budget below every length: one sequence per batch
+    result = tiny.run(_sequences(1))
+    split = result["logits"]
+    assert len(result.plan.batches) == len(LENGTHS)  # budget below every length: one sequence per batch
     assert np.abs(whole - split).max() <= 1e-5
 
 

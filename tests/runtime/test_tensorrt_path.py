@@ -24,13 +24,16 @@ from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.runtime import doctor
-from reformer_rt.runtime.backends import BackendUnavailable
+from reformer_rt.runtime.artifacts import onnx_sha256
 from reformer_rt.runtime.engine_builder import (
-    ENGINE_FILE, ENTRY_FILE, BatchLength, BuildOptions, EngineCache, EngineFileError, EngineKey, PhaseBars, Profile,
-    ProfileError, check_runtime_match, check_tensorrt_version, engine_for, import_tensorrt, make_profile,
-    make_record, onnx_sha256, parse_batch_length, read_engine_file, sidecar_path, strong_typing_flags,
-    verify_record, write_engine_file,
+    BuildOptions, PhaseBars, check_tensorrt_version, engine_for, import_tensorrt, strong_typing_flags,
 )
+from reformer_rt.runtime.engine_cache import (
+    ENGINE_FILE, ENTRY_FILE, EngineCache, EngineFileError, EngineKey, check_runtime_match, make_record,
+    read_engine_file, sidecar_path, verify_record, write_engine_file,
+)
+from reformer_rt.runtime.engine_profiles import BatchLength, Profile, ProfileError, make_profile, parse_batch_length
+from reformer_rt.runtime.errors import BackendUnavailable
 from reformer_rt.runtime.session import Session
 from reformer_rt.runtime.tensorrt_backend import TensorRTBackend, plugin_registered
 
@@ -355,7 +358,7 @@ def test_build_cache_run_and_compare(tiny_onnx: Path, tmp_path: Path) -> None:
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
         with torch.no_grad():
             expected = model(ids, mask).numpy()
-        got = backend.run(ids.numpy(), mask.numpy())
+        got = backend.run(ids.numpy(), mask.numpy())["logits"]
         assert got.shape == expected.shape and got.dtype == np.float32
         assert float(np.abs(got - expected)[mask.numpy() != 0].max()) <= FP32_ABS_TOL
     with pytest.raises(InputError, match="outside the engine's profile"):

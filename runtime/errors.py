@@ -1,0 +1,12 @@
+"""Errors of the runtime, on top of the model's hierarchy (``reformer_rt.models.errors``).
+
+Every class is a ``ReformerError``: the CLI prints it as one line with exit code 2, the server answers 4xx/503.
+"""
+
+from __future__ import annotations
+
+from reformer_rt.models import ReformerError
+
+
+class BackendUnavailable(ReformerError):
+    """The requested backend cannot run here (library missing, no GPU, wrong artifact); says what to install."""

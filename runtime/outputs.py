@@ -1,0 +1,116 @@
+"""The outputs a caller can ask a Session (and the server) for, each derived from one raw model output.
+
+| name              | from                | per sequence of n tokens        | dtype   |
+|-------------------|---------------------|---------------------------------|---------|
+| logits            | logits              | [n, vocab]                      | float32 |
+| last_logits       | logits              | [vocab], position n-1           | float32 |
+| top_k_ids         | logits              | [k], position n-1, best first   | int64   |
+| top_k_log_probs   | logits              | [k], their log-probabilities    | float32 |
+| log_probs         | logits              | [n-1]: log p(id[t+1] | id[..t]) | float32 |
+| last_hidden_state | last_hidden_state   | [n, 2*hidden]                   | float32 |
+| embedding         | last_hidden_state   | [2*hidden], mean or last        | float32 |
+
+Whole-sequence logits of long inputs are large (512K tokens x 320 vocab = 671 MB in float32); the reduced outputs
+are computed per micro-batch, so asking only for them never holds every sequence's logits at once. Options:
+``top_k`` (how many of the last position's best ids, default 5) and ``pooling`` (``mean`` over the sequence's
+tokens or its ``last`` token, default mean).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from reformer_rt.export.metadata import BASE_OUTPUT, LM_OUTPUT
+from reformer_rt.models import InputError, ReformerConfig
+
+POOLINGS = ("mean", "last")
+DEFAULT_TOP_K = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    top_k: int = DEFAULT_TOP_K
+    pooling: str = "mean"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise InputError(f"top_k: got {self.top_k!r}; expected an integer >= 1")
+        if self.pooling not in POOLINGS:
+            raise InputError(f"pooling: got {self.pooling!r}; expected one of {POOLINGS}")
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _top_k(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and log-probabilities of the ``k`` largest last-position logits, best first (ties: lower id)."""
+    log_probs = _log_softmax(row[-1])
+    k = min(k, log_probs.shape[0])
+    order = np.argsort(-log_probs, kind="stable")[:k]
+    return order.astype(np.int64), log_probs[order].astype(np.float32)
+
+
+def _token_log_probs(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    if len(ids) < 2:
+        return np.zeros(0, dtype=np.float32)
+    log_probs = _log_softmax(row[:-1])
+    return log_probs[np.arange(len(ids) - 1), ids[1:]].astype(np.float32)
+
+
+Reducer = Callable[[np.ndarray, np.ndarray, OutputOptions], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    name: str
+    source: str  # the raw backend output it is computed from
+    dtype: type
+    dims: tuple[str, ...]  # symbolic per-sequence dims: "n" tokens, "n-1", "vocab", "hidden", "k"
+    reduce: Reducer  # (raw row [n, X], ids [n], options) -> this output for the sequence
+    doc: str
+
+    def shape(self, config: ReformerConfig) -> list[int]:
+        """Per-sequence shape with -1 for what varies per request (KServe model metadata)."""
+        sizes = {"vocab": config.vocab_size, "hidden": 2 * config.hidden_size}
+        return [sizes.get(d, -1) for d in self.dims]
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
+    OutputKind("logits", LM_OUTPUT, np.float32, ("n", "vocab"), lambda row, ids, o: row,
+               "logits at every position"),
+    OutputKind("last_logits", LM_OUTPUT, np.float32, ("vocab",), lambda row, ids, o: row[-1],
+               "logits of the last position (the next-token distribution)"),
+    OutputKind("top_k_ids", LM_OUTPUT, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
+               "the top_k most likely next tokens, best first"),
+    OutputKind("top_k_log_probs", LM_OUTPUT, np.float32, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[1],
+               "log-probabilities of top_k_ids"),
+    OutputKind("log_probs", LM_OUTPUT, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
+               "log p(id[t+1] | id[..t]) of the given ids (scoring)"),
+    OutputKind("last_hidden_state", BASE_OUTPUT, np.float32, ("n", "hidden"), lambda row, ids, o: row,
+               "final hidden states at every position"),
+    OutputKind("embedding", BASE_OUTPUT, np.float32, ("hidden",),
+               lambda row, ids, o: row.mean(axis=0) if o.pooling == "mean" else row[-1],
+               "one vector per sequence: mean over its tokens, or its last token (pooling)"),
+)}
+
+
+def available_outputs(raw_outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The output kinds a backend with these raw outputs can give."""
+    return tuple(name for name, kind in OUTPUT_KINDS.items() if kind.source in raw_outputs)
+
+
+def output_kind(name: str, raw_outputs: tuple[str, ...]) -> OutputKind:
+    """The kind called ``name``, or an error listing what this model gives."""
+    kind = OUTPUT_KINDS.get(name)
+    if kind is None or kind.source not in raw_outputs:
+        why = "unknown output" if kind is None else (
+            f"needs {kind.source}, which this model does not give (an ONNX file or engine holds only the output it "
+            "was exported with; a checkpoint directory on the torch backend gives every output)")
+        raise InputError(f"output {name!r}: {why}; expected one of {list(available_outputs(raw_outputs))}")
+    return kind
