@@ -38,8 +38,9 @@ WORKER_TIMEOUT_S = 1800
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="latency / throughput / peak memory per backend, with the HF baseline",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser("bench", help="latency / throughput / peak memory per backend, with the HF baseline "
+                              "(reformer-rt bench serve: load a server)", description=__doc__.split("\n\n")[0],
+                              epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 server")
     p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: random crime-and-"
                    "punishment architecture)")
     p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
@@ -54,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _ints(text: str, name: str) -> list[int]:
+def parse_ints(text: str, name: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
-    lengths, batches = _ints(args.lengths, "--lengths"), _ints(args.batches, "--batches")
+    lengths, batches = parse_ints(args.lengths, "--lengths"), parse_ints(args.batches, "--batches")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
     if unknown:

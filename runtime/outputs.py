@@ -100,6 +100,15 @@ OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
 )}
 
 
+def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Per-sequence arrays [n_i, *rest] -> [N, max n_i, *rest], zero-padded (equal shapes simply stack)."""
+    longest = max(a.shape[0] for a in arrays)
+    out = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, :a.shape[0]] = a
+    return out
+
+
 def available_outputs(raw_outputs: tuple[str, ...]) -> tuple[str, ...]:
     """The output kinds a backend with these raw outputs can give."""
     return tuple(name for name, kind in OUTPUT_KINDS.items() if kind.source in raw_outputs)

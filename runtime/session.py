@@ -36,7 +36,7 @@ from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import OutputKind, OutputOptions, available_outputs, output_kind
+from .outputs import OutputKind, OutputOptions, available_outputs, output_kind, pad_stack
 from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
@@ -65,7 +65,7 @@ class RunResult(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         if name == "lengths":
             return self.lengths
-        return _pad_stack(self.rows[name])
+        return pad_stack(self.rows[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter([*self.rows, "lengths"])
@@ -223,15 +223,6 @@ def _as_ids(seq: Any, index: int) -> np.ndarray:
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise InputTypeError(f"sequence {index}: got dtype {array.dtype}; expected integer token ids")
     return array.astype(np.int64)
-
-
-def _pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """Per-sequence arrays [n_i, *rest] -> [N, max n_i, *rest], zero-padded (equal shapes simply stack)."""
-    longest = max(a.shape[0] for a in arrays)
-    out = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
-    for i, a in enumerate(arrays):
-        out[i, :a.shape[0]] = a
-    return out
 
 
 def _load_model(path: Path) -> ReformerLM | ReformerModel:

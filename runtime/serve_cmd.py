@@ -1,0 +1,217 @@
+"""``reformer-rt serve``: the KServe v2 inference server (HTTP/REST + gRPC + Prometheus metrics) over Sessions.
+
+    reformer-rt serve                                   # the bundled demo model, as "demo"
+    reformer-rt serve enwik8=ckpt/ small=model.onnx     # NAME=PATH (checkpoint directory, .onnx or engine)
+    reformer-rt serve --config serve.json               # models and options from a JSON file
+
+A bare PATH is named by its directory name or file stem. The config file is a JSON object: ``models`` maps names
+to paths (or to objects with ``path``, ``backend``, ``device``), and any option below may be given by its long name
+with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds 127.0.0.1
+unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model is loaded and warmed
+up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the protocol details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from reformer_rt.models import InputError
+
+from .artifacts import DEFAULT_MAX_TOKENS
+from .session import BACKENDS
+
+log = logging.getLogger("reformer_rt.serve")
+
+RESTRICTED_VALUE_ENV = "REFORMER_RT_RESTRICTED_HEADER_VALUE"
+#: option -> (default, type) for everything a config file may set as well.
+OPTIONS: dict[str, tuple[Any, type]] = {
+    "host": ("127.0.0.1", str), "http_port": (8000, int), "grpc_port": (8001, int), "metrics_port": (8002, int),
+    "backend": ("auto", str), "device": (None, str), "threads": (0, int),
+    "max_queue_delay_us": (0, int), "max_tokens_per_batch": (DEFAULT_MAX_TOKENS, int), "max_queue_size": (1024, int),
+    "default_priority": (10, int), "batching": (True, bool), "max_body_mb": (64, int),
+    "restricted_header": (None, str), "tls_cert": (None, str), "tls_key": (None, str),
+    "drain_timeout_s": (300.0, float), "access_log": (False, bool),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve models over KServe v2 HTTP/gRPC (Triton-compatible clients)",
+                              description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("models", nargs="*", metavar="[NAME=]PATH", help="models to serve (default: the demo model)")
+    p.add_argument("--config", type=Path, help="JSON file with models and options")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=int, help="HTTP/REST port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002; 0 picks a free one)")
+    p.add_argument("--backend", choices=BACKENDS, help="backend for every model (default auto)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads per model (default: all)")
+    p.add_argument("--max-queue-delay-us", type=int, help="longest wait to fill a batch (default 0)")
+    p.add_argument("--max-tokens-per-batch", type=int, help=f"padded tokens per forward pass (default "
+                   f"{DEFAULT_MAX_TOKENS})")
+    p.add_argument("--max-queue-size", type=int, help="requests waiting per model before 503 (default 1024)")
+    p.add_argument("--default-priority", type=int, help="priority of requests that give none; lower runs first "
+                   "(default 10)")
+    p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
+                   help="run every request alone (its own sequences still share passes)")
+    p.add_argument("--max-body-mb", type=int, help="request body cap in MiB (default 64; over it: 413)")
+    p.add_argument("--restricted-header", metavar="NAME[=VALUE]", help=f"require this header on every endpoint "
+                   f"but health; without =VALUE the value comes from ${RESTRICTED_VALUE_ENV} (keeps it out of ps)")
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTP, gRPC and metrics over TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM waits for accepted requests (default 300)")
+    p.add_argument("--access-log", action="store_const", const=True, help="log every HTTP request")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--config: cannot read {path} ({exc}); expected a JSON object") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"--config: {path} holds {type(data).__name__}; expected a JSON object")
+    unknown = sorted(set(data) - set(OPTIONS) - {"models"})
+    if unknown:
+        raise InputError(f"--config: unknown keys {unknown} in {path}; expected 'models' and {sorted(OPTIONS)}")
+    return data
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool  # JSON true is not a port number
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option: command line, else config file, else default; each checked for type."""
+    config = _read_config(args.config)
+    out: dict[str, Any] = {}
+    for name, (default, kind) in OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            value = config.get(name, default)
+        if value is not None and not _has_type(value, kind):
+            raise InputError(f"{name}: got {value!r}; expected {kind.__name__}")
+        out[name] = value
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= out[name] <= 65535:
+            raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected a port in 0..65535")
+    for name in ("max_tokens_per_batch", "max_queue_size", "max_body_mb"):
+        if out[name] < 1:
+            raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected >= 1")
+    for name in ("max_queue_delay_us", "default_priority", "threads"):
+        if out[name] < 0:
+            raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected >= 0")
+    if (out["tls_cert"] is None) != (out["tls_key"] is None):
+        raise InputError("--tls-cert / --tls-key: got one of them; expected both (a PEM certificate and its key)")
+    out["models"] = _model_specs(args.models, config.get("models"))
+    return out
+
+
+def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]:
+    """name -> {"path", optional "backend"/"device"}; the demo model when nothing is given."""
+    specs: dict[str, dict[str, Any]] = {}
+    if configured is not None:
+        if not isinstance(configured, dict):
+            raise InputError("--config: 'models' must map names to paths or to {\"path\": ...} objects")
+        for name, value in configured.items():
+            spec = {"path": value} if isinstance(value, str) else value
+            if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) \
+                    or set(spec) - {"path", "backend", "device"}:
+                raise InputError(f"--config: model {name!r}: got {value!r}; expected a path or an object with "
+                                 "'path' (and optionally 'backend', 'device')")
+            specs[name] = spec
+    for text in given:
+        name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
+        name = name or Path(path).stem or Path(path).name
+        if not name or not path:
+            raise InputError(f"model {text!r}: expected NAME=PATH or PATH")
+        if name in specs:
+            raise InputError(f"model {name!r}: given twice; name each model once (NAME=PATH)")
+        specs[name] = {"path": path}
+    if not specs:
+        from .demo import demo_model_dir
+
+        specs["demo"] = {"path": str(demo_model_dir())}
+    return specs
+
+
+def _restricted(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    name, sep, secret = value.partition("=")
+    if not sep:
+        secret = os.environ.get(RESTRICTED_VALUE_ENV, "")
+        if not secret:
+            raise InputError(f"--restricted-header {name}: no value; give NAME=VALUE or set ${RESTRICTED_VALUE_ENV}")
+    if not name.strip() or not secret:
+        raise InputError("--restricted-header: expected NAME=VALUE with a non-empty name and value")
+    return name.strip(), secret
+
+
+# -------------------------------------------------------------------------------------------------- running
+def run(args: argparse.Namespace) -> int:
+    from .serving import InferenceServer, SchedulerOptions, ServedModel, ServerOptions
+    from .session import Session
+
+    handler = logging.StreamHandler(sys.stderr)  # our lines only: libraries keep their own (quiet) defaults
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("reformer_rt")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    config = settings(args)
+    models = []
+    for name, spec in config["models"].items():
+        session = Session(spec["path"], backend=spec.get("backend", config["backend"]),
+                          device=spec.get("device", config["device"]), threads=config["threads"],
+                          max_tokens_per_batch=config["max_tokens_per_batch"])
+        log.info("reformer-rt serve: model %s = %s: backend %s (%s), device %s, max length %d, outputs %s", name,
+                 spec["path"], session.backend, session.backend_reason, session.device, session.max_length,
+                 ", ".join(session.outputs))
+        models.append(ServedModel(name, session))
+    scheduler = SchedulerOptions(config["max_tokens_per_batch"], config["max_queue_delay_us"],
+                                 config["max_queue_size"], config["default_priority"], config["batching"])
+    options = ServerOptions(
+        host=config["host"], http_port=config["http_port"], grpc_port=config["grpc_port"],
+        metrics_port=config["metrics_port"], max_body_bytes=config["max_body_mb"] << 20, scheduler=scheduler,
+        restricted_header=_restricted(config["restricted_header"]),
+        tls_cert=Path(config["tls_cert"]) if config["tls_cert"] else None,
+        tls_key=Path(config["tls_key"]) if config["tls_key"] else None,
+        drain_timeout_s=config["drain_timeout_s"], access_log=config["access_log"])
+    log.info("reformer-rt serve: limits: %d padded tokens per batch, queue delay %d us, %d queued requests per "
+             "model, body %d MiB, batching %s, default priority %d%s", scheduler.max_tokens_per_batch,
+             scheduler.max_queue_delay_us, scheduler.max_queue_size, config["max_body_mb"],
+             "on" if scheduler.batching else "off", scheduler.default_priority,
+             f", restricted header {options.restricted_header[0]}" if options.restricted_header else "")
+    return asyncio.run(_serve(InferenceServer(models, options)))
+
+
+async def _serve(server: Any) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise InputError(f"cannot listen ({exc.strerror or exc}); choose free ports (--http-port/--grpc-port/"
+                         "--metrics-port, 0 picks one) or stop what holds them") from exc
+    await stopping.wait()
+    log.info("reformer-rt serve: signal received")
+    await server.stop()
+    return 0

@@ -1,0 +1,279 @@
+"""Dynamic batching across requests that keeps the batching contract: each sequence's result equals that sequence
+run alone, whatever else shares its forward pass.
+
+Requests (each one or more sequences) queue per model. The dispatcher forms one micro-batch at a time by the rules
+of ``runtime/batching.py``: it takes the best queued sequence -- lowest ``priority`` value, then earliest -- and
+fills its length bucket with the next best sequences of the SAME bucket, up to ``max_tokens_per_batch`` padded
+tokens. A batch that is not full waits at most ``max_queue_delay_us`` (counted from its oldest sequence's arrival)
+for more. The batch runs on the model's one worker thread (``Session.run_batch``, then each request's own outputs
+are reduced there too), so the event loop -- health, metrics, other models -- stays responsive during a long
+forward pass, and the next batch forms while this one runs. With ``batching=False`` a micro-batch holds the
+sequences of one request only.
+
+A request that waits longer than its ``timeout`` (microseconds) before its first sequence runs fails with 503; a
+full queue (``max_queue_size`` requests) rejects new ones with 503 and Retry-After; a cancelled request's queued
+sequences are dropped; an error in a batch fails the requests in that batch and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..batching import bucket_length, run_length, sequences_per_batch
+from .metrics import Metrics
+from .model import ParsedRequest, ServedModel
+from .protocol import Unavailable
+
+Rows = dict[str, list[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOptions:
+    max_tokens_per_batch: int = 1 << 17
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024  # requests waiting (not yet fully dispatched)
+    default_priority: int = 10
+    batching: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Completed:
+    """A finished request: its rows and where its time went (microseconds)."""
+
+    rows: Rows
+    queue_us: float  # arrival to its first sequence's dispatch
+    compute_us: float  # the forward passes its sequences ran in (a batch counts for each request in it)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    parsed: ParsedRequest
+    future: asyncio.Future
+    arrival: float
+    deadline: float | None
+    rows: Rows
+    waiting: int  # sequences not yet dispatched
+    running: int = 0  # sequences dispatched, not finished
+    started: float | None = None  # when its first sequence was dispatched
+    compute_us: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    key: tuple[int, int, int]  # (priority, arrival order, sequence index): lower runs first
+    job: _Job
+    index: int
+    bucket: int
+
+    @property
+    def length(self) -> int:
+        return len(self.job.parsed.sequences[self.index])
+
+
+class Scheduler:
+    def __init__(self, model: ServedModel, options: SchedulerOptions, metrics: Metrics) -> None:
+        self.model, self.options, self.metrics = model, options, metrics
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reformer-rt-{model.name}")
+        self._queue: dict[int, list[_Item]] = {}  # bucket -> items, unordered
+        self._jobs: set[_Job] = set()  # waiting or running
+        self._order = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self.accepting = True
+
+    # ------------------------------------------------------------------------------------------------ public
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name=f"dispatch-{self.model.name}")
+
+    @property
+    def pending_requests(self) -> int:
+        return sum(1 for job in self._jobs if job.waiting)
+
+    async def submit(self, parsed: ParsedRequest) -> Completed:
+        """Queue ``parsed`` and wait for its rows (one list per output, one array per sequence)."""
+        if not self.accepting:
+            raise Unavailable(f"model {self.model.name!r}: the server is shutting down; retry on another replica")
+        if self.pending_requests >= self.options.max_queue_size:
+            raise Unavailable(f"model {self.model.name!r}: queue full ({self.options.max_queue_size} requests "
+                              "waiting); retry later", retry_after_s=1.0)
+        now = time.monotonic()
+        deadline = None if parsed.timeout_us is None else now + parsed.timeout_us / 1e6
+        job = _Job(parsed, asyncio.get_running_loop().create_future(), now, deadline,
+                   {kind.name: [np.empty(0)] * len(parsed.sequences) for kind in parsed.kinds},
+                   waiting=len(parsed.sequences))
+        order = next(self._order)
+        for index, seq in enumerate(parsed.sequences):
+            bucket = bucket_length(self.model.session.config, len(seq))
+            self._queue.setdefault(bucket, []).append(_Item((parsed.priority, order, index), job, index, bucket))
+        self._jobs.add(job)
+        self._idle.clear()
+        self.metrics.set_pending(self.model, self.pending_requests)
+        self._wakeup.set()
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            if not job.future.done():
+                job.future.cancel()  # its queued sequences are dropped; a running batch finishes unobserved
+                self._forget(job)
+            raise
+
+    async def drain(self) -> None:
+        """Stop accepting; return when every accepted request has finished."""
+        self.accepting = False
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def run_in_worker(self, fn: Callable[[], object]) -> asyncio.Future:
+        """Run ``fn`` on this model's worker thread (warm-up uses it: the Session is only ever used there)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # ---------------------------------------------------------------------------------------------- dispatch
+    async def _dispatch_forever(self) -> None:
+        while True:
+            wait = self._expire_and_wait_time()
+            if wait != 0.0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    def _expire_and_wait_time(self) -> float | None:
+        """Fail timed-out requests, drop finished ones' items; 0.0 when a batch should be formed now, else how long
+        to sleep (None: until woken)."""
+        now = time.monotonic()
+        for job in [j for j in self._jobs if j.deadline is not None and j.started is None and j.deadline <= now]:
+            waited_us = int((now - job.arrival) * 1e6)
+            self._fail(job, Unavailable(f"model {self.model.name!r}: request timed out after {waited_us} us in the "
+                                        f"queue (timeout {job.parsed.timeout_us} us)"))
+        for bucket in list(self._queue):
+            self._queue[bucket] = [item for item in self._queue[bucket] if not item.job.finished]
+            if not self._queue[bucket]:
+                del self._queue[bucket]
+        if not self._queue:
+            return None
+        best = min((item for items in self._queue.values() for item in items), key=lambda item: item.key)
+        candidates = self._candidates(best)
+        chosen = self._fill(candidates)
+        full = len(chosen) < len(candidates) or self._tokens(chosen) >= self.options.max_tokens_per_batch
+        oldest = min(item.job.arrival for item in chosen)
+        remaining = oldest + self.options.max_queue_delay_us / 1e6 - now
+        deadlines = [j.deadline - now for j in self._jobs if j.deadline is not None and j.started is None]
+        if full or remaining <= 0 or not self.options.batching:
+            return 0.0
+        return max(0.0, min([remaining, *deadlines]))
+
+    def _candidates(self, best: _Item) -> list[_Item]:
+        items = self._queue[best.bucket]
+        if not self.options.batching:
+            items = [item for item in items if item.job is best.job]
+        return sorted(items, key=lambda item: item.key)
+
+    def _fill(self, candidates: list[_Item]) -> list[_Item]:
+        """The longest prefix of ``candidates`` within the token budget (at least one)."""
+        chosen = [candidates[0]]
+        for item in candidates[1:]:
+            lengths = [c.length for c in chosen] + [item.length]
+            length = run_length(self.model.session.config, lengths)
+            if len(lengths) > sequences_per_batch(length, self.options.max_tokens_per_batch):
+                break
+            chosen.append(item)
+        return chosen
+
+    def _tokens(self, items: list[_Item]) -> int:
+        return len(items) * run_length(self.model.session.config, [item.length for item in items])
+
+    def _take_batch(self) -> list[_Item]:
+        if not self._queue:
+            return []
+        best = min((item for items in self._queue.values() for item in items), key=lambda item: item.key)
+        chosen = self._fill(self._candidates(best))
+        taken = {id(item) for item in chosen}
+        self._queue[best.bucket] = [item for item in self._queue[best.bucket] if id(item) not in taken]
+        if not self._queue[best.bucket]:
+            del self._queue[best.bucket]
+        now = time.monotonic()
+        for item in chosen:
+            job = item.job
+            if job.started is None:
+                job.started = now
+            job.waiting -= 1
+            job.running += 1
+        self.metrics.set_pending(self.model, self.pending_requests)
+        return chosen
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        length = run_length(self.model.session.config, [item.length for item in batch])
+        start = time.monotonic()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, batch, length)
+        except Exception as exc:  # the batch's requests fail (the server logs why); everything else goes on
+            for job in _jobs_of(batch):
+                self._fail(job, exc)
+            return
+        compute_us = (time.monotonic() - start) * 1e6
+        self.metrics.record_batch(self.model, len(batch), length, sum(item.length for item in batch))
+        for item, rows in zip(batch, results):
+            item.job.running -= 1
+            for name, value in rows.items():
+                item.job.rows[name][item.index] = value
+        for job in _jobs_of(batch):
+            if job.finished:
+                continue
+            job.compute_us += compute_us
+            if job.waiting == 0 and job.running == 0:
+                assert job.started is not None
+                job.future.set_result(Completed(job.rows, (job.started - job.arrival) * 1e6, job.compute_us))
+                self._forget(job)
+
+    def _compute(self, batch: list[_Item], length: int) -> list[dict[str, np.ndarray]]:
+        """On the worker thread: one forward pass, then each sequence's requested outputs."""
+        kinds = {kind.source for item in batch for kind in item.job.parsed.kinds}
+        sources = tuple(sorted(kinds)) or (self.model.session.output_name,)
+        seqs = [item.job.parsed.sequences[item.index] for item in batch]
+        raw = self.model.session.run_batch(seqs, length, sources)
+        out = []
+        for row, item in enumerate(batch):
+            parsed = item.job.parsed
+            out.append({kind.name: kind.reduce(raw[kind.source][row], seqs[row], parsed.options)
+                        for kind in parsed.kinds})
+        return out
+
+    # ----------------------------------------------------------------------------------------------- outcomes
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+        self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        self._jobs.discard(job)
+        self.metrics.set_pending(self.model, self.pending_requests)
+        if not self._jobs:
+            self._idle.set()
+
+
+def _jobs_of(batch: list[_Item]) -> list[_Job]:
+    """The distinct requests of a batch, in batch order."""
+    return list({id(item.job): item.job for item in batch}.values())

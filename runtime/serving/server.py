@@ -1,0 +1,198 @@
+"""The inference server: models, their schedulers, the HTTP/REST, gRPC and metrics listeners, and their lifecycle.
+
+``InferenceServer(models, options)`` holds one ``ServedModel`` + ``Scheduler`` per model; ``infer`` is the one
+path every transport takes (look up the model, check it is ready, parse, queue, respond, count). Lifecycle:
+``start`` registers metrics, starts the schedulers, warms every model up on its worker thread (so the first
+request does not pay for allocation and kernel selection), then opens the listeners and only then reports
+ready; ``stop`` (SIGTERM / SIGINT) reports not ready, refuses new requests with 503, lets every accepted request
+finish (up to ``drain_timeout_s``), then closes the listeners.
+
+Access control (optional): a required header ``(name, value)`` on every endpoint but the health checks, compared
+in constant time; missing -> 401, wrong -> 403; its value is never logged. TLS: one certificate and key for the
+HTTP, gRPC and metrics listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from reformer_rt.export.metadata import package_version
+
+from .metrics import Metrics
+from .model import ServedModel
+from .protocol import (
+    InferRequest, InferResponse, NotFound, PermissionDenied, ServingError, Unauthenticated, Unavailable, error_status,
+)
+from .scheduler import Scheduler, SchedulerOptions
+
+log = logging.getLogger("reformer_rt.serve")
+
+SERVER_NAME = "reformer-rt"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics")
+DEFAULT_MAX_BODY = 64 << 20  # Triton's default HTTP input cap
+#: Tokens of the warm-up request: two chunks of the longest chunk length, so the hashed LSH path runs too.
+WARMUP_CHUNKS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    scheduler: SchedulerOptions = SchedulerOptions()
+    restricted_header: tuple[str, str] | None = None  # (name, value) required beyond health checks
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    drain_timeout_s: float = 300.0
+    access_log: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class ModelEntry:
+    model: ServedModel
+    scheduler: Scheduler
+    ready: bool = False
+
+
+class InferenceServer:
+    def __init__(self, models: list[ServedModel], options: ServerOptions) -> None:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ServingError(f"models: names {names} repeat; give each model its own NAME=PATH")
+        self.options = options
+        self.metrics = Metrics()
+        self.models = {m.name: ModelEntry(m, Scheduler(m, options.scheduler, self.metrics)) for m in models}
+        self.live = False
+        self.ready = False
+        self.started_at = time.time()
+        self._listeners: list[Any] = []  # objects with a bound ``port`` and an async ``stop()``
+        self.ports: dict[str, int] = {}
+        self._stopped = asyncio.Event()
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        from .grpc_api import start_grpc
+        from .http_api import start_http, start_metrics
+
+        self.live = True
+        for entry in self.models.values():
+            self.metrics.register(entry.model)
+            entry.scheduler.start()
+        for entry in self.models.values():
+            await self._warm_up(entry)
+        tls = self._tls_context()
+        for kind, start in (("http", lambda: start_http(self, tls)), ("grpc", lambda: start_grpc(self)),
+                            ("metrics", lambda: start_metrics(self, tls))):
+            listener = await start()
+            self._listeners.append(listener)  # stop() closes whatever did start
+            self.ports[kind] = listener.port
+        self.ready = True
+        log.info("reformer-rt serve: ready (%s)", ", ".join(sorted(self.models)))
+
+    async def _warm_up(self, entry: ModelEntry) -> None:
+        session = entry.model.session
+        length = WARMUP_CHUNKS * max(session.config.lsh_attn_chunk_length, session.config.local_attn_chunk_length)
+        length = min(length, session.max_length)
+        started = time.perf_counter()
+        await entry.scheduler.run_in_worker(lambda: session.run([[0] * length], outputs=list(session.outputs)))
+        entry.ready = True
+        log.info("reformer-rt serve: model %s warmed up (%d tokens, %.2f s)", entry.model.name, length,
+                 time.perf_counter() - started)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.options.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.options.tls_cert), str(self.options.tls_key))
+        return context
+
+    async def stop(self) -> None:
+        """Drain: refuse new requests, finish accepted ones (up to the drain timeout), close the listeners."""
+        self.ready = False
+        log.info("reformer-rt serve: draining (%d requests pending)",
+                 sum(e.scheduler.pending_requests for e in self.models.values()))
+        drains = [entry.scheduler.drain() for entry in self.models.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*drains), timeout=self.options.drain_timeout_s)
+        except TimeoutError:
+            log.warning("reformer-rt serve: drain timed out after %.0f s; closing with requests in flight",
+                        self.options.drain_timeout_s)
+        for listener in reversed(self._listeners):
+            await listener.stop()
+        for entry in self.models.values():
+            await entry.scheduler.close()
+        self.live = False
+        self._stopped.set()
+        log.info("reformer-rt serve: stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # -------------------------------------------------------------------------------------------- requests
+    def check_access(self, headers: Mapping[str, str]) -> None:
+        """The restricted header, if one is configured (``headers``: case-insensitive for HTTP, lower-case gRPC
+        metadata)."""
+        if self.options.restricted_header is None:
+            return
+        name, expected = self.options.restricted_header
+        got = headers.get(name, headers.get(name.lower()))
+        if got is None:
+            raise Unauthenticated(f"this endpoint needs the {name} header")
+        if not hmac.compare_digest(got.encode(), expected.encode()):
+            raise PermissionDenied(f"the {name} header does not match")
+
+    def entry(self, name: str, version: str = "") -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model {name!r}; this server has {sorted(self.models)}")
+        if version not in ("", entry.model.version):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {entry.model.version}")
+        return entry
+
+    async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
+        """One request, any transport: ``decode`` turns the transport's message into an ``InferRequest`` inside the
+        accounting, so a malformed request to a known model counts as its failure. Returns the response, or raises
+        for ``protocol.error_status`` (the transport logs the internal errors)."""
+        started = time.monotonic()
+        entry = self.entry(model_name, model_version)
+        if not entry.ready:
+            raise Unavailable(f"model {entry.model.name!r} is not ready yet; retry shortly", retry_after_s=1.0)
+        try:
+            request = decode()
+            parsed = entry.model.parse(request, self.options.scheduler.default_priority)
+            done = await entry.scheduler.submit(parsed)
+            response = entry.model.respond(request, parsed, done.rows)
+        except asyncio.CancelledError:
+            self.metrics.record_failure(entry.model, "CANCELED")
+            raise
+        except Exception as exc:
+            status = error_status(exc)
+            reason = "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if status.internal else "OTHER"
+            self.metrics.record_failure(entry.model, reason)
+            raise
+        self.metrics.record_success(entry.model, parsed.tokens, time.monotonic() - started, done.queue_us,
+                                    done.compute_us)
+        return response
+
+    # ---------------------------------------------------------------------------------------- descriptions
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
+
+    def repository_index(self) -> list[dict[str, str]]:
+        return [{"name": name, "version": e.model.version, "state": "READY" if e.ready else "LOADING"}
+                for name, e in sorted(self.models.items())]
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Per-model counters in the shape of Triton's statistics extension (counts and cumulative ns)."""
+        entries = [self.entry(name, version)] if name else list(self.models.values())
+        return [self.metrics.statistics(e.model) for e in entries]

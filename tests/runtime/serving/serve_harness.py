@@ -1,0 +1,40 @@
+"""Helpers of the server tests: the tiny model's config, ragged inputs, and ``reformer-rt serve`` as a real
+subprocess (``ServeProcess``: 127.0.0.1, ports the OS picks, read back from its startup log)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from reformer_rt.models import ReformerConfig
+from reformer_rt.runtime.serving.process import ServeProcess
+
+#: Byte vocabulary (so the text input is offered), LSH and local layers, 2 hash rounds, chunk 16.
+TINY = ReformerConfig(
+    vocab_size=258, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
+    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(32, 64), axial_pos_embds_dim=(8, 24),
+    max_position_embeddings=2048, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
+    num_buckets=(4, 8), hash_seed=3, is_decoder=True)
+START_TIMEOUT_S = 120
+
+
+def ragged_sequences(count: int, seed: int, low: int = 1, high: int = 300) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, TINY.vocab_size, int(rng.integers(low, high)), dtype=np.int64) for _ in range(count)]
+
+
+class ServerProcess(ServeProcess):
+    """``reformer-rt serve ARGS`` for a test: ``ServerProcess("tiny=DIR", "--backend", "torch")``."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(args, env=env, start_timeout_s=START_TIMEOUT_S)
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
