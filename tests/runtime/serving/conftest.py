@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +31,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint: Path) -> Path:
+    from reformer_rt.export import export_onnx
+
+    path = tiny_checkpoint.parent / "tiny.onnx"
+    export_onnx(tiny_checkpoint, path, attention="portable", validate=False, log=None)
+    return path
+
+
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
-    """The tiny model twice (two names), torch backend on the CPU: every output kind is available."""
-    with ServerProcess(f"tiny={tiny_checkpoint}", f"twin={tiny_checkpoint}", "--backend", "torch", "--device",
-                       "cpu", "--max-body-mb", "1", "--max-queue-delay-us", "2000") as process:
+def server(tiny_checkpoint: Path, tiny_onnx: Path) -> Iterator[ServerProcess]:
+    """The tiny checkpoint twice (two names; every output kind) and its portable ONNX export (``onnx``), on the
+    CPU."""
+    torch_model = {"path": str(tiny_checkpoint), "backend": "torch"}
+    config = tiny_onnx.parent / "serve.json"
+    config.write_text(json.dumps({"models": {"tiny": torch_model, "twin": torch_model, "onnx": str(tiny_onnx)},
+                                  "device": "cpu", "max_queue_delay_us": 5000}))
+    with ServerProcess("--config", str(config), "--max-body-mb", "1", "--max-queue-delay-us", "2000") as process:
         yield process
 
 

@@ -168,8 +168,9 @@ def test_descriptions_over_http_and_grpc(server) -> None:
     assert config["max_batch_size"] > 0 and [i["dims"] for i in config["input"]][0] == ["-1"]
     assert grpc.get_model_config("tiny").config.name == "tiny"
     index = http.get_model_repository_index()
-    assert [(m["name"], m["state"]) for m in index] == [("tiny", "READY"), ("twin", "READY")]
-    assert [m.name for m in grpc.get_model_repository_index().models] == ["tiny", "twin"]
+    assert [(m["name"], m["state"]) for m in index] == [("onnx", "READY"), ("tiny", "READY"), ("twin", "READY")]
+    assert [m.name for m in grpc.get_model_repository_index().models] == ["onnx", "tiny", "twin"]
+    assert "queue delay 2000 us" in server.log  # the command line wins over the config file's 5000
     assert "binary_tensor_data" in http.get_server_metadata()["extensions"]
     with pytest.raises(InferenceServerException, match="no version '2'"):
         http.get_model_metadata("tiny", model_version="2")
@@ -224,3 +225,41 @@ def test_concurrent_ragged_clients_each_get_their_own_result_and_metrics_move(se
     assert after["reformer_rt_tokens_total"] - before["reformer_rt_tokens_total"] == sum(len(s) for s in seqs)
     assert after["nv_inference_pending_request_count"] == 0
     assert after["nv_inference_compute_infer_duration_us"] > before["nv_inference_compute_infer_duration_us"]
+
+
+def test_onnx_model_serves_its_outputs_and_refuses_the_others(server, tiny_onnx) -> None:
+    onnx_session = Session(tiny_onnx, backend="onnxruntime", device="cpu")
+    seqs = ragged_sequences(3, seed=6)
+    ids, mask = padded(seqs)
+    client = httpclient.InferenceServerClient(server.http)
+    names = ("logits", "last_logits", "top_k_ids", "log_probs")
+    assert [o["name"] for o in client.get_model_metadata("onnx")["outputs"]] == [*names[:3], "top_k_log_probs",
+                                                                                names[3], "lengths"]
+    result = client.infer("onnx", http_inputs(httpclient, ids, mask, True),
+                          outputs=[httpclient.InferRequestedOutput(n) for n in names])
+    check_batch(result, seqs, onnx_session, names=names)
+    with pytest.raises(InferenceServerException, match="needs last_hidden_state"):
+        client.infer("onnx", http_inputs(httpclient, ids, mask, True),
+                     outputs=[httpclient.InferRequestedOutput("embedding")])
+
+
+def test_grpc_stream_answers_every_request_with_its_id(server, reference) -> None:
+    seqs = ragged_sequences(5, seed=7)
+    answers: list = []
+    client = grpcclient.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    for i, seq in enumerate(seqs):
+        client.async_stream_infer("tiny", grpc_inputs(grpcclient, seq[None]), request_id=str(i),
+                                  outputs=[grpcclient.InferRequestedOutput("last_logits")])
+    bad = grpcclient.InferInput("input_ids", [1, 2], "INT64")
+    bad.set_data_from_numpy(np.array([[1, 9999]], dtype=np.int64))
+    client.async_stream_infer("tiny", [bad], request_id="bad")
+    client.stop_stream()  # waits for the responses
+    assert len(answers) == len(seqs) + 1
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1 and "9999" in errors[0].message()
+    for result, error in answers:
+        if error is None:
+            index = int(result.get_response().id)
+            check(result.as_numpy("last_logits")[0], expected(reference, seqs[index], ["last_logits"])["last_logits"],
+                  f"stream request {index}")
