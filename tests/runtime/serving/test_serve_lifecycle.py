@@ -55,6 +55,8 @@ def _pending(server: ServerProcess) -> float:
 
 
 def test_sigterm_during_load_drains_every_accepted_request(tiny_checkpoint) -> None:
+    """Every request gets an answer: the ones queued when SIGTERM came are served in full; any that arrive after it
+    get 503 (the client retries elsewhere); none is dropped, and the process exits 0."""
     reference = Session(tiny_checkpoint, backend="torch", device="cpu")
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, TINY.vocab_size, LONG - int(rng.integers(0, 64))) for _ in range(16)]
@@ -63,13 +65,20 @@ def test_sigterm_during_load_drains_every_accepted_request(tiny_checkpoint) -> N
         with concurrent.futures.ThreadPoolExecutor(len(seqs)) as pool:
             futures = [pool.submit(_infer, port, seq) for seq in seqs]
             assert wait_until(lambda: _pending(server) >= len(seqs) // 2, timeout=60), "the load never queued"
+            queued = _pending(server)
             server.terminate()
-            results = [f.result() for f in futures]
+            results = [f.result() for f in futures]  # an exception here would be a dropped connection
             assert server.wait(120) == 0, server.log
+    served = 0
     for seq, (status, _, payload) in zip(seqs, results):
-        assert status == 200, payload  # accepted before SIGTERM: answered, not dropped
+        if status == 503:
+            assert "shutting down" in payload["error"]
+            continue
+        assert status == 200, payload
+        served += 1
         want = reference.run([seq], outputs=["last_logits"])["last_logits"][0]
         assert np.abs(np.array(payload["outputs"][0]["data"]) - want).max() <= 1e-5
+    assert served >= queued, f"{queued} requests were queued at SIGTERM, {served} were served"
     assert "draining" in server.log and "stopped" in server.log
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
