@@ -6,7 +6,9 @@
 * ``cached_export``: a checkpoint's ONNX export, made once and kept in the cache, keyed by the checkpoint's bytes
   and the package version.
 * ``files_sha256`` / ``onnx_sha256``: content hashes that name cache entries.
-* ``write_atomic``: the one way the runtime writes a file -- complete or not at all, with the user's umask.
+* ``write_files_atomic`` / ``write_atomic``: the one way the runtime writes files -- a set of files (``run -o
+  x.npy`` writes ``x.npy`` and ``x.lengths.npy``) appears complete or not at all, with the user's umask; a failure
+  or an interrupt leaves every target as it was and no temporary file behind.
 * ``DEFAULT_MAX_TOKENS``: the default token budget of one micro-batch.
 
 A leaf of the runtime: it imports ``reformer_rt.models`` and (lazily) ``reformer_rt.export``, nothing else of
@@ -16,16 +18,19 @@ A leaf of the runtime: it imports ``reformer_rt.models`` and (lazily) ``reformer
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from reformer_rt.models import InputError
 from reformer_rt.models.checkpoint import CONFIG_FILE
+from reformer_rt.models.errors import os_error_hint, raise_if_stopped
 
 log = logging.getLogger("reformer_rt")
 
@@ -57,6 +62,27 @@ def artifact_kind(path: Path) -> str:
                      f"{', '.join('*' + s for s in ENGINE_SUFFIXES)}")
 
 
+def max_length_of(path: Path) -> int:
+    """The longest input the model at ``path`` accepts, read from its files without loading it (a checkpoint's
+    ``max_position_embeddings``, an export's or an engine's recorded ``max_length``)."""
+    path = Path(path)
+    kind = artifact_kind(path)
+    if kind == "checkpoint":
+        from reformer_rt.models import ReformerConfig
+
+        return ReformerConfig.from_json_file(path / CONFIG_FILE).max_position_embeddings
+    if kind == "onnx":
+        from reformer_rt.export.metadata import export_metadata
+
+        return int(export_metadata(path)["export_options"]["max_length"])
+    try:
+        record = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+        return int(record["metadata"]["export_options"]["max_length"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: cannot read its record {path.name}.json ({exc}); rebuild the engine with "
+                         "reformer-rt build") from exc
+
+
 # ------------------------------------------------------------------------------------------------------ hashing
 def files_sha256(paths: Collection[Path]) -> str:
     """sha256 over the files' names and bytes, in the given order."""
@@ -81,24 +107,20 @@ def onnx_sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- writing
+Payload = bytes | Callable[[BinaryIO], None]
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
 
 
-def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None], label: str = "output") -> None:
-    """Write ``data`` (bytes, or a function writing to a binary handle) to ``path`` through a temporary file in
-    the same directory, then rename it into place: the file is complete or absent, never partial. The file gets
-    the permissions ``open`` would give it (0666 less the umask), not ``mkstemp``'s 0600.
-
-    ``label`` names the option or file in errors (``--output: cannot write ...``)."""
-    path = Path(path).absolute()
-    if path.is_dir():
-        raise InputError(f"{label}: {path} is a directory; expected a file path")
-    temporary: str | None = None
+def _stage(path: Path, data: Payload) -> str:
+    """``data`` written, flushed and given open()'s permissions (0666 less the umask, not mkstemp's 0600) in a
+    temporary file beside ``path``; returns its name."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(descriptor, "wb") as handle:
             if isinstance(data, bytes):
                 handle.write(data)
@@ -107,35 +129,116 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None], label: st
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-        temporary = None
-    except OSError as exc:
-        raise InputError(f"{label}: cannot write {path} ({exc.strerror or exc}); choose a writable directory "
-                         "that exists") from exc
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _set_aside(path: Path) -> str:
+    """A second name for the current ``path`` (a hard link, else a rename), so a failed set can put it back."""
+    backup = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.old"))
+    try:
+        os.link(path, backup)
+    except OSError:
+        os.replace(path, backup)
+    return backup
+
+
+def write_files_atomic(files: Mapping[Path, Payload], label: str = "output") -> None:
+    """Write ``files`` (path -> bytes, or a function writing to a binary handle) as one set: each is staged in a
+    temporary file in its own directory, then all are renamed into place. Any failure -- an unwritable directory,
+    a full disk, an interrupt -- leaves every path as it was (an old file is kept, no new one appears beside it)
+    and no temporary file behind.
+
+    ``label`` names the option or file in errors (``--output: cannot write ...``)."""
+    targets = {Path(path).absolute(): data for path, data in files.items()}
+    if not targets:
+        return
+    for path in targets:
+        if path.is_dir():
+            raise InputError(f"{label}: {path} is a directory; expected a file path")
+    staged: dict[Path, str] = {}
+    backups: dict[Path, str] = {}
+    committed: list[Path] = []
+    current = next(iter(targets))
+    try:
+        for current, data in targets.items():
+            staged[current] = _stage(current, data)
+        raise_if_stopped()
+        for current, temporary in staged.items():
+            if len(targets) > 1 and current.exists():
+                backups[current] = _set_aside(current)
+            os.replace(temporary, current)
+            committed.append(current)
+    except BaseException as exc:
+        for path in reversed(committed):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                os.unlink(path)
+        if isinstance(exc, OSError):
+            raise InputError(f"{label}: cannot write {current} ({os_error_hint(exc)})") from exc
+        raise
     finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
+        for leftover in [*staged.values(), *backups.values()]:
+            if os.path.lexists(leftover):
+                os.unlink(leftover)
+
+
+def write_atomic(path: Path, data: Payload, label: str = "output") -> None:
+    """Write one file, complete or not at all (``write_files_atomic`` with a single file)."""
+    write_files_atomic({Path(path): data}, label)
 
 
 # ------------------------------------------------------------------------------------------------ cached exports
+def _writable_cache(name: str) -> Path:
+    """``cache_dir() / name``, created, with a clear error when it cannot be written."""
+    directory = cache_dir() / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise InputError(f"cache: cannot write {directory} ({os_error_hint(exc)}); set {CACHE_ENV} to a writable "
+                         "directory") from exc
+    return directory
+
+
+def _entry_files(entry: Path) -> list[Path]:
+    """A cached export's files: the graph and, over 2 GB, its external data beside it."""
+    data = entry.with_name(entry.name + ".data")
+    return [entry, data] if data.exists() else [entry]
+
+
+def _entry_intact(entry: Path, record: Path) -> bool:
+    """Whether the cached export and its recorded sha256 agree (False when either is missing or unreadable)."""
+    try:
+        return entry.is_file() and record.read_text(encoding="ascii").strip() == files_sha256(_entry_files(entry))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def cached_export(checkpoint: Path, attention: str = "portable", verbose: bool = False) -> Path:
     """An ONNX export of ``checkpoint`` in the given LSH form, made once and kept in the cache directory.
 
     The cache key covers the checkpoint's files and the package version (a new exporter re-exports). The export
-    itself is atomic (``export_onnx`` writes through a temporary file), so a cache entry is never partial."""
+    itself is atomic (``export_onnx`` writes through a temporary file), and its sha256 is recorded beside it
+    (``<entry>.sha256``) and checked on every use: an entry that was damaged since, or whose record is missing,
+    is exported again."""
     from reformer_rt.export import export_onnx
     from reformer_rt.export.metadata import package_version
 
     files = sorted(f for f in checkpoint.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
     digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}".encode()).hexdigest()
     target = cache_dir() / "onnx" / f"{digest[:24]}-{attention}.onnx"
-    if not target.exists():
-        log.info("reformer-rt: exporting %s to %s (%s form, once)", checkpoint, target, attention)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cache: cannot create {target.parent} ({exc.strerror or exc}); set {CACHE_ENV} to a "
-                             "writable directory") from exc
-        export_onnx(checkpoint, target, attention=attention,
-                    log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
+    record = target.with_name(target.name + ".sha256")
+    if _entry_intact(target, record):
+        return target
+    if target.exists():
+        log.warning("reformer-rt: cached export %s does not match its recorded sha256; exporting it again", target)
+    _writable_cache("onnx")
+    log.info("reformer-rt: exporting %s to %s (%s form, once)", checkpoint, target, attention)
+    export_onnx(checkpoint, target, attention=attention,
+                log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
+    write_atomic(record, files_sha256(_entry_files(target)).encode(), label="cache")
     return target

@@ -70,6 +70,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--drain-timeout-s", type=float, help="how long SIGTERM waits for accepted requests (default 300)")
     p.add_argument("--access-log", action="store_const", const=True, help="log every HTTP request")
+    ray = p.add_argument_group("Ray Serve (pip install \"reformer-rt[ray]\")")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of serving in this process")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    ray.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    ray.add_argument("--max-ongoing-requests", type=int, help="requests a replica works on at once (Ray default)")
+    ray.add_argument("--max-queued-requests", type=int, help="requests queued per caller before 503 (Ray default: "
+                     "unlimited)")
     p.set_defaults(func=run)
 
 
@@ -149,7 +158,7 @@ def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]
     return specs
 
 
-def _restricted(value: str | None) -> tuple[str, str] | None:
+def restricted_header(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
     name, sep, secret = value.partition("=")
@@ -163,17 +172,26 @@ def _restricted(value: str | None) -> tuple[str, str] | None:
 
 
 # -------------------------------------------------------------------------------------------------- running
-def run(args: argparse.Namespace) -> int:
-    from .serving import InferenceServer, SchedulerOptions, ServedModel, ServerOptions
-    from .session import Session
-
-    handler = logging.StreamHandler(sys.stderr)  # our lines only: libraries keep their own (quiet) defaults
+def log_to_stderr() -> None:
+    """Our log lines on stderr, as they are; libraries keep their own (quiet) defaults."""
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     ours = logging.getLogger("reformer_rt")
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    from .serving import InferenceServer, SchedulerOptions, ServedModel, ServerOptions
+    from .session import Session
+
+    log_to_stderr()
     config = settings(args)
+    if args.ray:
+        from .ray_serve import serve_on_ray
+
+        return serve_on_ray(args, config)
     models = []
     for name, spec in config["models"].items():
         session = Session(spec["path"], backend=spec.get("backend", config["backend"]),
@@ -188,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     options = ServerOptions(
         host=config["host"], http_port=config["http_port"], grpc_port=config["grpc_port"],
         metrics_port=config["metrics_port"], max_body_bytes=config["max_body_mb"] << 20, scheduler=scheduler,
-        restricted_header=_restricted(config["restricted_header"]),
+        restricted_header=restricted_header(config["restricted_header"]),
         tls_cert=Path(config["tls_cert"]) if config["tls_cert"] else None,
         tls_key=Path(config["tls_key"]) if config["tls_key"] else None,
         drain_timeout_s=config["drain_timeout_s"], access_log=config["access_log"])

@@ -20,6 +20,7 @@ Every error is ``{"error": "..."}`` with its status (``protocol.error_status``),
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -29,8 +30,8 @@ from typing import Any, Protocol
 
 from .model import ServedModel
 from .protocol import (
-    HEADER_LENGTH, JSON_TYPE, BadRequest, InferRequest, InferResponse, decode_http_request, encode_http_response,
-    error_body, error_status,
+    HEADER_LENGTH, JSON_TYPE, BadRequest, InferRequest, InferResponse, NotFound, PermissionDenied, Unauthenticated,
+    decode_http_request, encode_http_response, error_body, error_status,
 )
 
 log = logging.getLogger("reformer_rt.serve")
@@ -70,6 +71,35 @@ class Host(Protocol):
     def repository_index(self) -> list[dict[str, str]]: ...
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]: ...
+
+
+# --------------------------------------------------------------------------------- shared by every host
+def check_restricted(headers: Mapping[str, str], restricted: tuple[str, str] | None) -> None:
+    """The restricted header (name, value), if one is configured; ``headers`` are case-insensitive HTTP headers or
+    lower-case gRPC metadata. Compared in constant time; the value never appears in a message."""
+    if restricted is None:
+        return
+    name, expected = restricted
+    got = headers.get(name, headers.get(name.lower()))
+    if got is None:
+        raise Unauthenticated(f"this endpoint needs the {name} header")
+    if not hmac.compare_digest(got.encode(), expected.encode()):
+        raise PermissionDenied(f"the {name} header does not match")
+
+
+def find_slot(slots: Mapping[str, ModelSlot], name: str, version: str = "") -> Any:
+    """The slot serving ``name`` (and ``version``, when given), or a 404 listing what is served."""
+    slot = slots.get(name)
+    if slot is None:
+        raise NotFound(f"unknown model {name!r}; this server has {sorted(slots)}")
+    if version not in ("", slot.model.version):
+        raise NotFound(f"model {name!r} has no version {version!r}; it has version {slot.model.version}")
+    return slot
+
+
+def repository_index(slots: Mapping[str, ModelSlot]) -> list[dict[str, str]]:
+    return [{"name": name, "version": slot.model.version, "state": "READY" if slot.ready else "LOADING"}
+            for name, slot in sorted(slots.items())]
 
 
 def _json(data: Any, status: int = 200) -> HttpReply:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import ssl
 import time
@@ -28,9 +27,8 @@ from reformer_rt.export.metadata import package_version
 
 from .metrics import Metrics
 from .model import ServedModel
-from .protocol import (
-    InferRequest, InferResponse, NotFound, PermissionDenied, ServingError, Unauthenticated, Unavailable, error_status,
-)
+from .protocol import InferRequest, InferResponse, ServingError, Unavailable, error_status
+from .routes import check_restricted, find_slot, repository_index
 from .scheduler import Scheduler, SchedulerOptions
 
 log = logging.getLogger("reformer_rt.serve")
@@ -140,24 +138,10 @@ class InferenceServer:
 
     # -------------------------------------------------------------------------------------------- requests
     def check_access(self, headers: Mapping[str, str]) -> None:
-        """The restricted header, if one is configured (``headers``: case-insensitive for HTTP, lower-case gRPC
-        metadata)."""
-        if self.options.restricted_header is None:
-            return
-        name, expected = self.options.restricted_header
-        got = headers.get(name, headers.get(name.lower()))
-        if got is None:
-            raise Unauthenticated(f"this endpoint needs the {name} header")
-        if not hmac.compare_digest(got.encode(), expected.encode()):
-            raise PermissionDenied(f"the {name} header does not match")
+        check_restricted(headers, self.options.restricted_header)
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
-        entry = self.models.get(name)
-        if entry is None:
-            raise NotFound(f"unknown model {name!r}; this server has {sorted(self.models)}")
-        if version not in ("", entry.model.version):
-            raise NotFound(f"model {name!r} has no version {version!r}; it has version {entry.model.version}")
-        return entry
+        return find_slot(self.models, name, version)
 
     async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
         """One request, any transport: ``decode`` turns the transport's message into an ``InferRequest`` inside the
@@ -189,8 +173,7 @@ class InferenceServer:
         return {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
 
     def repository_index(self) -> list[dict[str, str]]:
-        return [{"name": name, "version": e.model.version, "state": "READY" if e.ready else "LOADING"}
-                for name, e in sorted(self.models.items())]
+        return repository_index(self.models)
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         """Per-model counters in the shape of Triton's statistics extension (counts and cumulative ns)."""

@@ -197,6 +197,9 @@ def _serve_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["--tls-cert", "c.pem"], "expected both"),
     (["--restricted-header", "=x"], "non-empty name"),
     (["a=/no/such", "a=/no/such"], "given twice"),
+    (["--ray", "--tls-cert", "c", "--tls-key", "k"], "terminate TLS in front"),
+    (["--ray", "--autoscale", "3:1"], "expected MIN:MAX"),
+    (["--ray", "--no-batching"], "not supported"),
 ])
 def test_startup_mistakes_exit_2_with_one_line(tmp_path, args, words) -> None:
     config = tmp_path / "serve.json"

@@ -1,0 +1,309 @@
+"""Scale-out on Ray Serve: replicas of one deployment, each holding a Session per model, behind Ray's HTTP proxy,
+speaking the same KServe v2 HTTP endpoints as ``reformer-rt serve`` (``serving/routes.py``: JSON and binary
+tensors, so ``tritonclient.http`` works unchanged).
+
+    reformer-rt serve --ray --replicas 2 demo=models/demo          # a local cluster, or --address to join one
+    serve run serve_config.yaml                                    # cluster operators (README: "Scaling out")
+    app = build_app({"models": {"demo": "models/demo"}})           # Python: serve.run(app, route_prefix="/")
+
+Batching: every sequence of a request is one item of ``@serve.batch``, whose ``batch_size_fn`` counts padded
+tokens (each sequence at its length bucket), up to ``max_tokens_per_batch``. A collected batch is then split by
+model and length bucket (``runtime/batching.py``) and each group runs as one forward pass, so each result equals
+its sequence run alone. Replicas: ``num_gpus=1`` each when the device is CUDA (one per GPU), else CPU replicas of
+``num_cpus`` cores with that many threads; ``num_replicas``, autoscaling (``min_replicas``/``max_replicas``),
+``max_ongoing_requests`` and ``max_queued_requests`` (over it: 503) are deployment options. The forward pass runs
+on one worker thread per replica, so the replica's event loop (Ray's health checks) stays responsive.
+
+Known limits: HTTP only (no gRPC listener, no Triton-named Prometheus metrics: Ray Serve exposes its own);
+``priority`` and ``timeout`` request parameters are accepted and not applied (Ray's queue has neither); the
+statistics endpoint answers 400 (counts would be one replica's). Multi-node clusters and GPU replicas have not
+been run by this project's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reformer_rt.export.metadata import package_version
+from reformer_rt.models import InputError
+
+from .artifacts import DEFAULT_MAX_TOKENS, max_length_of
+from .batching import bucket_length, run_length, sequences_per_batch
+from .outputs import OutputKind, OutputOptions
+from .serving.model import ServedModel
+from .serving.protocol import BadRequest, InferRequest, InferResponse, PayloadTooLarge
+from .serving.routes import check_restricted, find_slot, handle, repository_index
+
+log = logging.getLogger("reformer_rt.serve")
+
+DEPLOYMENT = "ReformerDeployment"
+APP_NAME = "reformer-rt"
+DEFAULT_MAX_BODY = 64 << 20
+#: Response header naming the replica that answered (which replica served what, in logs and tests).
+REPLICA_HEADER = "X-Reformer-Replica"
+
+
+@dataclasses.dataclass(frozen=True)
+class RayServeOptions:
+    """What a replica needs; everything else (replicas, autoscaling, resources) is a Ray deployment option."""
+
+    models: dict[str, dict[str, Any]]  # name -> {"path", optional "backend", "device"}
+    backend: str = "auto"
+    device: str | None = None
+    threads: int = 1
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS
+    batch_wait_timeout_s: float = 0.002
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    restricted_header: tuple[str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """One sequence of one request, as ``@serve.batch`` sees it."""
+
+    model: str
+    sequence: np.ndarray
+    kinds: tuple[OutputKind, ...]
+    options: OutputOptions
+    bucket: int
+
+
+@dataclasses.dataclass
+class _Slot:
+    model: ServedModel
+    ready: bool = True
+
+
+class ReformerReplica:
+    """The body of the deployment (``deployment()`` wraps it): one replica, every model, the v2 endpoints."""
+
+    def __init__(self, options: RayServeOptions) -> None:
+        from .session import Session
+
+        self.options = options
+        self.live = self.ready = False
+        self.models: dict[str, _Slot] = {}
+        for name, spec in options.models.items():
+            session = Session(spec["path"], backend=spec.get("backend", options.backend),
+                              device=spec.get("device", options.device), threads=options.threads,
+                              max_tokens_per_batch=options.max_tokens_per_batch)
+            session.run([[0] * min(64, session.max_length)], outputs=list(session.outputs))  # warm-up
+            self.models[name] = _Slot(ServedModel(name, session))
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reformer-rt-replica")
+        self.replica = _replica_id()
+        self.live = self.ready = True
+
+    # ---------------------------------------------------------------------------------------- the v2 host
+    def check_access(self, headers: Mapping[str, str]) -> None:
+        check_restricted(headers, self.options.restricted_header)
+
+    def entry(self, name: str, version: str = "") -> _Slot:
+        return find_slot(self.models, name, version)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": APP_NAME, "version": package_version(), "extensions": ["binary_tensor_data",
+                                                                               "model_repository"]}
+
+    def repository_index(self) -> list[dict[str, str]]:
+        return repository_index(self.models)
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        raise BadRequest("statistics: under Ray Serve each replica counts only its own requests; read Ray Serve's "
+                         "metrics (ray_serve_* on the cluster's metrics endpoint) instead")
+
+    async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
+        slot = self.entry(model_name, model_version)
+        request = decode()
+        parsed = slot.model.parse(request, default_priority=0)
+        config = slot.model.session.config
+        items = [_Item(model_name, seq, tuple(parsed.kinds), parsed.options, bucket_length(config, len(seq)))
+                 for seq in parsed.sequences]
+        results = await asyncio.gather(*(self.batched(item) for item in items))
+        rows = {kind.name: [r[kind.name] for r in results] for kind in parsed.kinds}
+        return slot.model.respond(request, parsed, rows)
+
+    async def __call__(self, request: Any) -> Any:  # a starlette Request; Ray Serve's HTTP proxy calls this
+        from starlette.responses import Response
+
+        async def read_body() -> bytes:
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.options.max_body_bytes:
+                raise PayloadTooLarge(f"request body over {self.options.max_body_bytes:,} bytes; send fewer or "
+                                      "shorter sequences per request")
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.options.max_body_bytes:
+                    raise PayloadTooLarge(f"request body over {self.options.max_body_bytes:,} bytes")
+            return bytes(body)
+
+        reply = await handle(self, request.method, request.url.path, request.headers, read_body)
+        return Response(reply.body, status_code=reply.status, headers={**reply.headers, REPLICA_HEADER: self.replica})
+
+    # ------------------------------------------------------------------------------------------ batching
+    async def batched(self, item: _Item) -> dict[str, np.ndarray]:
+        """Replaced per deployment by a ``@serve.batch`` method (see ``deployment``)."""
+        return (await self.run_items([item]))[0]
+
+    async def run_items(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+        """One ``@serve.batch`` batch: each (model, bucket) group runs in forward passes of at most
+        ``max_tokens_per_batch`` padded tokens, on the worker thread."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.model, item.bucket), []).append(index)
+        results: list[dict[str, np.ndarray]] = [{} for _ in items]
+        loop = asyncio.get_running_loop()
+        for (model, bucket), group in groups.items():
+            session = self.models[model].model.session
+            per_batch = sequences_per_batch(bucket, self.options.max_tokens_per_batch)
+            for start in range(0, len(group), per_batch):
+                members = group[start:start + per_batch]
+                seqs = [items[i].sequence for i in members]
+                sources = tuple(sorted({k.source for i in members for k in items[i].kinds})) or (
+                    session.output_name,)
+                length = run_length(session.config, [len(s) for s in seqs])
+                raw = await loop.run_in_executor(self._worker, session.run_batch, seqs, length, sources)
+                for row, i in enumerate(members):
+                    item = items[i]
+                    results[i] = {k.name: k.reduce(raw[k.source][row], item.sequence, item.options)
+                                  for k in item.kinds}
+        return results
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Ray Serve replica (a plain instance in tests or tools)
+        return "local"
+
+
+def padded_tokens(items: list[_Item]) -> int:
+    """``batch_size_fn``: the padded tokens of a batch, each sequence at its length bucket."""
+    return sum(item.bucket for item in items)
+
+
+def deployment(options: RayServeOptions, **deployment_options: Any) -> Any:
+    """The Ray Serve deployment (unbound): ``@serve.batch`` sized in padded tokens, ``ray_actor_options`` from the
+    device (one GPU per replica on CUDA, else ``options.threads`` CPUs)."""
+    from ray import serve
+
+    longest = max(max_length_of(Path(spec["path"])) for spec in options.models.values())
+    budget = max(options.max_tokens_per_batch, longest)  # one sequence alone must always fit; run_items splits
+
+    class ReformerDeployment(ReformerReplica):
+        @serve.batch(max_batch_size=budget, batch_wait_timeout_s=options.batch_wait_timeout_s,
+                     batch_size_fn=padded_tokens)
+        async def batched(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
+            return await self.run_items(items)
+
+    cuda = any(str(spec.get("device", options.device) or "").startswith("cuda") for spec in options.models.values())
+    actor = {"num_gpus": 1} if cuda else {"num_cpus": options.threads}
+    settings = {"ray_actor_options": actor, **deployment_options}
+    return serve.deployment(ReformerDeployment, name=DEPLOYMENT, **settings)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application for ``serve run`` / ``serve.run``: ``args`` are ``RayServeOptions`` fields (``models`` as
+    name -> path or {"path", "backend", "device"}); deployment options come from the config file's
+    ``deployments`` section or ``deployment``'s keywords."""
+    models = args.get("models")
+    if not isinstance(models, dict) or not models:
+        raise InputError("models: expected a mapping of names to paths, such as {\"demo\": \"models/demo\"}")
+    specs = {name: {"path": value} if isinstance(value, str) else dict(value) for name, value in models.items()}
+    fields = {f.name for f in dataclasses.fields(RayServeOptions)} - {"models"}
+    unknown = sorted(set(args) - fields - {"models"})
+    if unknown:
+        raise InputError(f"application args: unknown {unknown}; expected 'models' and {sorted(fields)}")
+    restricted = args.get("restricted_header")
+    options = RayServeOptions(specs, **{k: v for k, v in args.items() if k in fields and k != "restricted_header"},
+                              restricted_header=tuple(restricted) if restricted else None)
+    return deployment(options).bind(options)
+
+
+# ------------------------------------------------------------------------------------------ reformer-rt serve --ray
+def _scaling(args: Any) -> dict[str, Any]:
+    """Deployment options from ``--replicas`` / ``--autoscale`` / ``--max-ongoing-requests`` /
+    ``--max-queued-requests``."""
+    out: dict[str, Any] = {}
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not (sep and low.isdigit() and high.isdigit() and 0 <= int(low) <= int(high) and int(high) >= 1):
+            raise InputError(f"--autoscale: got {args.autoscale!r}; expected MIN:MAX replicas, such as 1:4")
+        out["autoscaling_config"] = {"min_replicas": int(low), "max_replicas": int(high)}
+    else:
+        replicas = 1 if args.replicas is None else args.replicas
+        if replicas < 1:
+            raise InputError(f"--replicas: got {replicas}; expected >= 1")
+        out["num_replicas"] = replicas
+    for name in ("max_ongoing_requests", "max_queued_requests"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise InputError(f"--{name.replace('_', '-')}: got {value}; expected >= 1")
+            out[name] = value
+    return out
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
+    """``reformer-rt serve --ray``: deploy on a local Ray cluster (or join ``--address``), serve until SIGTERM or
+    SIGINT, then remove the application (and stop the cluster this command started)."""
+    import signal
+    import threading
+
+    from .serve_cmd import log_to_stderr, restricted_header
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Serve ({exc}): pip install \"reformer-rt[ray]\"") from exc
+    if config["tls_cert"]:
+        raise InputError("--tls-cert with --ray: Ray Serve's HTTP proxy does not take this certificate; terminate "
+                         "TLS in front of it (a load balancer or ingress), or serve without --ray")
+    if not config["batching"]:
+        raise InputError("--no-batching with --ray: not supported; set --max-queue-delay-us 0 for the shortest "
+                         "batching delay")
+    log_to_stderr()
+    options = RayServeOptions(
+        config["models"], backend=config["backend"], device=config["device"], threads=config["threads"] or 1,
+        max_tokens_per_batch=config["max_tokens_per_batch"], batch_wait_timeout_s=config["max_queue_delay_us"] / 1e6,
+        max_body_bytes=config["max_body_mb"] << 20, restricted_header=restricted_header(config["restricted_header"]))
+    scaling = _scaling(args)
+    port = config["http_port"] or _free_port(config["host"])
+    started = not ray.is_initialized() and args.address is None
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    log.info("reformer-rt serve: Ray %s cluster %s, %s", ray.__version__, args.address or "local (started here)",
+             ", ".join(f"{k}={v}" for k, v in scaling.items()))
+    serve.start(http_options={"host": config["host"], "port": port})
+    serve.run(deployment(options, **scaling).bind(options), name=APP_NAME, route_prefix="/")
+    log.info("reformer-rt serve: HTTP/REST (KServe v2, Ray Serve) on http://%s:%d", config["host"], port)
+    log.info("reformer-rt serve: ready (%s)", ", ".join(sorted(options.models)))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("reformer-rt serve: signal received; removing the application")
+    serve.delete(APP_NAME)
+    if started:
+        serve.shutdown()
+        ray.shutdown()
+    log.info("reformer-rt serve: stopped")
+    return 0
