@@ -100,6 +100,15 @@ OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
 )}
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceJob:
+    """One checked sequence and the outputs its caller wants from it."""
+
+    sequence: np.ndarray  # int64 token ids
+    kinds: tuple[OutputKind, ...]
+    options: OutputOptions
+
+
 def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
     """Per-sequence arrays [n_i, *rest] -> [N, max n_i, *rest], zero-padded (equal shapes simply stack)."""
     longest = max(a.shape[0] for a in arrays)

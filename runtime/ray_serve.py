@@ -7,9 +7,9 @@ tensors, so ``tritonclient.http`` works unchanged).
     app = build_app({"models": {"demo": "models/demo"}})           # Python: serve.run(app, route_prefix="/")
 
 Batching: every sequence of a request is one item of ``@serve.batch``, whose ``batch_size_fn`` counts padded
-tokens (each sequence at its length bucket), up to ``max_tokens_per_batch``. A collected batch is then split by
-model and length bucket (``runtime/batching.py``) and each group runs as one forward pass, so each result equals
-its sequence run alone. Replicas: ``num_gpus=1`` each when the device is CUDA (one per GPU), else CPU replicas of
+tokens (each sequence at its length bucket), up to ``max_tokens_per_batch``. A collected batch runs per model
+through ``Session.run_jobs``, which splits it by length bucket and token budget (``runtime/batching.py``), so each
+result equals its sequence run alone. Replicas: ``num_gpus=1`` each when the device is CUDA (one per GPU), else CPU replicas of
 ``num_cpus`` cores with that many threads; ``num_replicas``, autoscaling (``min_replicas``/``max_replicas``),
 ``max_ongoing_requests`` and ``max_queued_requests`` (over it: 503) are deployment options. The forward pass runs
 on one worker thread per replica, so the replica's event loop (Ray's health checks) stays responsive.
@@ -36,8 +36,8 @@ from reformer_rt.export.metadata import package_version
 from reformer_rt.models import InputError
 
 from .artifacts import DEFAULT_MAX_TOKENS, max_length_of
-from .batching import bucket_length, run_length, sequences_per_batch
-from .outputs import OutputKind, OutputOptions
+from .batching import bucket_length
+from .outputs import SequenceJob
 from .serving.model import ServedModel
 from .serving.protocol import BadRequest, InferRequest, InferResponse, PayloadTooLarge
 from .serving.routes import check_restricted, find_slot, handle, repository_index
@@ -70,9 +70,7 @@ class _Item:
     """One sequence of one request, as ``@serve.batch`` sees it."""
 
     model: str
-    sequence: np.ndarray
-    kinds: tuple[OutputKind, ...]
-    options: OutputOptions
+    job: SequenceJob
     bucket: int
 
 
@@ -124,8 +122,8 @@ class ReformerReplica:
         request = decode()
         parsed = slot.model.parse(request, default_priority=0)
         config = slot.model.session.config
-        items = [_Item(model_name, seq, tuple(parsed.kinds), parsed.options, bucket_length(config, len(seq)))
-                 for seq in parsed.sequences]
+        items = [_Item(model_name, SequenceJob(seq, tuple(parsed.kinds), parsed.options),
+                       bucket_length(config, len(seq))) for seq in parsed.sequences]
         results = await asyncio.gather(*(self.batched(item) for item in items))
         rows = {kind.name: [r[kind.name] for r in results] for kind in parsed.kinds}
         return slot.model.respond(request, parsed, rows)
@@ -154,27 +152,19 @@ class ReformerReplica:
         return (await self.run_items([item]))[0]
 
     async def run_items(self, items: list[_Item]) -> list[dict[str, np.ndarray]]:
-        """One ``@serve.batch`` batch: each (model, bucket) group runs in forward passes of at most
-        ``max_tokens_per_batch`` padded tokens, on the worker thread."""
-        groups: dict[tuple[str, int], list[int]] = {}
+        """One ``@serve.batch`` batch: per model, ``Session.run_jobs`` -- split by length bucket and the token
+        budget, as the batching contract says -- on the worker thread."""
+        by_model: dict[str, list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault((item.model, item.bucket), []).append(index)
+            by_model.setdefault(item.model, []).append(index)
         results: list[dict[str, np.ndarray]] = [{} for _ in items]
         loop = asyncio.get_running_loop()
-        for (model, bucket), group in groups.items():
+        for model, members in by_model.items():
             session = self.models[model].model.session
-            per_batch = sequences_per_batch(bucket, self.options.max_tokens_per_batch)
-            for start in range(0, len(group), per_batch):
-                members = group[start:start + per_batch]
-                seqs = [items[i].sequence for i in members]
-                sources = tuple(sorted({k.source for i in members for k in items[i].kinds})) or (
-                    session.output_name,)
-                length = run_length(session.config, [len(s) for s in seqs])
-                raw = await loop.run_in_executor(self._worker, session.run_batch, seqs, length, sources)
-                for row, i in enumerate(members):
-                    item = items[i]
-                    results[i] = {k.name: k.reduce(raw[k.source][row], item.sequence, item.options)
-                                  for k in item.kinds}
+            jobs = [items[i].job for i in members]
+            outs, _ = await loop.run_in_executor(self._worker, session.run_jobs, jobs)
+            for i, out in zip(members, outs):
+                results[i] = out
         return results
 
 

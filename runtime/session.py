@@ -36,7 +36,7 @@ from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import OutputKind, OutputOptions, available_outputs, output_kind, pad_stack
+from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
 from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
@@ -135,19 +135,32 @@ class Session:
             top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> RunResult:
         """Outputs for N sequences (default: the model's own, ``logits`` or ``last_hidden_state``); each
         sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option."""
-        kinds = self.output_kinds([self.output_name] if outputs is None else list(outputs))
+        kinds = tuple(self.output_kinds([self.output_name] if outputs is None else list(outputs)))
         options = OutputOptions(top_k, pooling)
         seqs = self.check_sequences(sequences, attention_mask)
-        sources = tuple(dict.fromkeys(kind.source for kind in kinds))
-        plan = plan_batches(self.config, [len(s) for s in seqs], self.max_tokens_per_batch)
-        rows: dict[str, list[np.ndarray]] = {kind.name: [np.empty(0)] * len(seqs) for kind in kinds}
+        results, plan = self.run_jobs([SequenceJob(seq, kinds, options) for seq in seqs])
+        rows = {kind.name: [result[kind.name] for result in results] for kind in kinds}
+        return RunResult(rows, np.array([len(s) for s in seqs], dtype=np.int64), plan)
+
+    def run_jobs(self, jobs: Sequence[SequenceJob]) -> tuple[list[dict[str, np.ndarray]], BatchPlan]:
+        """Checked sequences that may want different outputs (several callers' requests): planned together by the
+        batching contract, one result per job, in order, each equal to that sequence run alone."""
+        plan = plan_batches(self.config, [len(job.sequence) for job in jobs], self.max_tokens_per_batch)
+        results: list[dict[str, np.ndarray]] = [{} for _ in jobs]
         bar = tqdm(plan.batches, desc="micro-batches", unit="batch", disable=not self.progress or len(plan.batches) < 2)
         for batch in bar:
-            raw = self.run_batch([seqs[i] for i in batch.indices], batch.length, sources)
-            for row, index in enumerate(batch.indices):
-                for kind in kinds:
-                    rows[kind.name][index] = kind.reduce(raw[kind.source][row], seqs[index], options)
-        return RunResult(rows, np.array([len(s) for s in seqs], dtype=np.int64), plan)
+            outs = self.run_micro_batch([jobs[i] for i in batch.indices], batch.length)
+            for index, out in zip(batch.indices, outs):
+                results[index] = out
+        return results, plan
+
+    def run_micro_batch(self, jobs: Sequence[SequenceJob], length: int) -> list[dict[str, np.ndarray]]:
+        """ONE forward pass over jobs that share a micro-batch (``batching.py`` decides which, and ``length``), then
+        each job's own outputs."""
+        sources = tuple(dict.fromkeys(kind.source for job in jobs for kind in job.kinds)) or (self.output_name,)
+        raw = self.run_batch([job.sequence for job in jobs], length, sources)
+        return [{kind.name: kind.reduce(raw[kind.source][row], job.sequence, job.options) for kind in job.kinds}
+                for row, job in enumerate(jobs)]
 
     def output_kinds(self, names: Sequence[str]) -> list[OutputKind]:
         """The output kinds called ``names`` (distinct, at least one), or an error listing what this model gives."""

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..batching import bucket_length, run_length, sequences_per_batch
+from ..outputs import SequenceJob
 from .metrics import Metrics
 from .model import ParsedRequest, ServedModel
 from .protocol import Unavailable
@@ -250,16 +251,9 @@ class Scheduler:
 
     def _compute(self, batch: list[_Item], length: int) -> list[dict[str, np.ndarray]]:
         """On the worker thread: one forward pass, then each sequence's requested outputs."""
-        kinds = {kind.source for item in batch for kind in item.job.parsed.kinds}
-        sources = tuple(sorted(kinds)) or (self.model.session.output_name,)
-        seqs = [item.job.parsed.sequences[item.index] for item in batch]
-        raw = self.model.session.run_batch(seqs, length, sources)
-        out = []
-        for row, item in enumerate(batch):
-            parsed = item.job.parsed
-            out.append({kind.name: kind.reduce(raw[kind.source][row], seqs[row], parsed.options)
-                        for kind in parsed.kinds})
-        return out
+        jobs = [SequenceJob(item.job.parsed.sequences[item.index], tuple(item.job.parsed.kinds),
+                            item.job.parsed.options) for item in batch]
+        return self.model.session.run_micro_batch(jobs, length)
 
     # ----------------------------------------------------------------------------------------------- outcomes
     def _fail(self, job: _Job, exc: BaseException) -> None:
