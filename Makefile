@@ -1,11 +1,16 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# Entry points (see README): `make demo` and `make test` create .venv on first use; `make gpu-check OUT=DIR` runs on a
+# GPU machine as it is (its own python3 and packages, no install, no package index).
 # TORCH pins the CPU wheel this project's machines carry; on a CUDA machine use e.g. `make demo TORCH=torch`.
+# EXTRA picks the ONNX Runtime wheel: cpu (onnxruntime) or cuda (onnxruntime-gpu + triton) -- never both.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+EXTRA ?= cpu
 BIN := $(VENV)/bin
+GPU_PYTHON ?= python3
+OUT ?= gpu-check-out
 
-.PHONY: demo test clean-venv
+.PHONY: demo test gpu-check clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +19,11 @@ $(BIN)/python:
 # torch first, pinned: an unpinned resolver would pull a multi-GB CUDA build.
 $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[$(EXTRA)]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.core
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRA),test]"
 	touch $@
 
 demo: $(VENV)/.core
@@ -26,6 +31,10 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# STEPS=session,bench reruns a subset; exit 2 (at once) where there is no CUDA GPU.
+gpu-check:
+	$(GPU_PYTHON) runtime/gpu_check.py --out "$(OUT)" $(if $(STEPS),--steps "$(STEPS)")
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,19 +2,26 @@
 
 One run, on one CUDA GPU, everything in the same process so every figure shares the device:
 
-1. Parity: ``lsh_attention_triton`` against ``lsh_attention_reference`` on the enwik8 LSH layer shape (B=1,
-   8 heads x 128, 4 hashes, chunk 256, 1 chunk before, 0 after, causal, ragged mask) at each length, fp32 and
-   fp16, with the criteria of ``tests/plugins``: fp32 max abs error <= 1e-5; fp16 <= 4 * 2^-11 * max|v| against
-   the reference on the same fp16 inputs. Bucket ids are compared too (mismatch count).
+1. Parity: ``lsh_attention_triton`` against ``lsh_attention_reference`` (on the same GPU) on the enwik8 LSH layer
+   shape (B=1, 8 heads x 128, 4 hashes, chunk 256, 1 chunk before, 0 after, causal, ragged mask) at each length,
+   fp32 and fp16, with the criteria of ``reformer_rt.plugins.parity`` (fp32 <= 1e-5; fp16 <= 4 * 2^-11 * max|v|;
+   bucket ids and sort order equal).
 2. LSH layer timings (d_model 1024, fp16) at each length: the op alone (ours vs dense causal SDPA) and the whole
    layer with projections (our ``LSHSelfAttention`` with the Triton kernels, the same module with the reference,
    transformers' ``LSHSelfAttention`` with the same weights).
-3. 12-layer enwik8-like model forward, fp16, at 16K and 64K: our ``ReformerModel`` vs transformers'
-   ``ReformerModel`` with the same weights.
+3. 12-layer enwik8-like model forward, fp16, at 16K and 64K: our ``ReformerModel``, transformers'
+   ``ReformerModel`` with the same weights, and the baseline to beat, a dense 12-layer transformer of the same
+   width with FlashAttention (``dense_baseline``). ``--profile`` adds per-kernel CUDA times of our model at the
+   longest length (torch.profiler).
+4. The op and model targets (``bench_report.benchmark_targets``), each met or missed with its ratio.
 
-Times are medians of CUDA-event-timed runs after a warm-up run (which also compiles); memory is the peak of
-``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs and weights
-excluded). Writes ``bench.json`` and ``bench.md`` to DIR and prints the tables with the GPU name and date.
+Timing: the median of CUDA-event-timed calls after one warm-up call (which also compiles), as many as fit in
+~300 ms (3 to 20). Not ``triton.testing.do_bench``: it calls the function 5 times just to estimate its duration
+and flushes the L2 cache between calls -- seconds per point for the slow baselines (HF at 64K takes ~0.5 s a
+call) in a run that must fit in a few minutes, and a cold cache the model forwards never see. Memory: peak
+``torch.cuda.max_memory_allocated`` during one call, as extra (minus what was allocated before it) and total.
+``bench.json`` is rewritten after each section, so a run cut short keeps what it measured; ``bench.md`` and the
+printed tables come at the end, with the GPU name and date.
 
 Known limits: transformers draws its hash rotations from the CUDA generator inside ``forward``, so its outputs
 differ from ours on GPU and are timed, not compared (HF parity is checked on CPU in ``tests/models``). A failing
@@ -39,17 +46,18 @@ from pathlib import Path
 
 import torch
 
-from reformer_rt.models import LSHAttrs, ReformerConfig, ReformerModel, lsh_attention_reference, make_rotations
+from reformer_rt.models import LSHAttrs, ReformerConfig, ReformerModel
 from reformer_rt.models.attention import LSHSelfAttention, lsh_attrs
-from reformer_rt.models.lsh import lsh_hash
 from reformer_rt.models.lsh_op import KERNELS_ENV
 
-from .lsh_triton import lsh_attention_triton, lsh_hash_triton
+from .bench_report import (DENSE_MODEL, DENSE_OP, HF_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, ParityRow, Timing,
+                           benchmark_targets, format_parity, format_table, format_targets)
+from .dense_baseline import DenseTransformer
+from .lsh_triton import lsh_attention_triton
+from .parity import compare, random_inputs
 
 DEFAULT_LENGTHS = (4096, 16384, 65536)
 MODEL_LENGTHS = (16384, 65536)
-FP32_TOL = 1e-5
-FP16_UNIT_ROUNDOFF = 2.0**-11
 #: enwik8 (google/reformer-enwik8) hyper-parameters; num_buckets is resolved per length as HF would.
 ENWIK8 = dict(
     vocab_size=258, hidden_size=1024, num_attention_heads=8, attention_head_size=128, feed_forward_size=4096,
@@ -60,60 +68,19 @@ ENWIK8 = dict(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    what: str
-    length: int
-    impl: str
-    ms: float | None
-    peak_gb: float | None
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Parity:
-    length: int
-    dtype: str
-    max_abs_err: float
-    tolerance: float
-    bucket_mismatches: int
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.max_abs_err <= self.tolerance and self.bucket_mismatches == 0
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reformer_rt.plugins.bench_gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for bench.json and bench.md")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
                         help="sequence lengths of the parity checks and layer timings (multiples of 256)")
     parser.add_argument("--skip-model", action="store_true", help="skip the 12-layer model timings")
+    parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times of our 12-layer model")
     return parser.parse_args(argv)
 
 
-def _cell(value: float | None, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def format_table(rows: Sequence[Timing], device: str, date: str) -> str:
-    """Markdown: a title line naming the device and date, then one row per measurement."""
-    lines = [f"LSH attention benchmark on {device}, {date} (fp16; ms = median, GB = peak extra memory)", "",
-             "| what | L | impl | ms | peak extra GB |", "|---|---|---|---|---|"]
-    lines += [f"| {r.what} | {r.length} | {r.impl} | {_cell(r.ms, 3)} | {_cell(r.peak_gb, 3)} |" for r in rows]
-    return "\n".join(lines)
-
-
-def format_parity(rows: Sequence[Parity]) -> str:
-    lines = ["| L | dtype | max abs err | tolerance | bucket mismatches | ok |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p.length} | {p.dtype} | {p.max_abs_err:.3g} | {p.tolerance:.3g} | {p.bucket_mismatches} | "
-              f"{'yes' if p.ok else 'NO'} |" for p in rows]
-    return "\n".join(lines)
-
-
 @contextlib.contextmanager
-def _kernels(name: str) -> Iterator[None]:
+def kernels(name: str) -> Iterator[None]:
+    """Run the LSH op with the ``triton`` or ``reference`` implementation inside the block."""
     previous = os.environ.get(KERNELS_ENV)
     os.environ[KERNELS_ENV] = name
     try:
@@ -125,8 +92,8 @@ def _kernels(name: str) -> Iterator[None]:
             os.environ[KERNELS_ENV] = previous
 
 
-def _measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, float]:
-    """(median ms, peak extra GB) of ``fn`` after one warm-up call; 3 to 20 timed runs."""
+def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, float, float]:
+    """(median ms, peak extra GB, peak total GB) of ``fn`` after one warm-up call; 3 to 20 timed calls."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -136,7 +103,7 @@ def _measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float,
     fn()
     end.record()
     end.synchronize()
-    peak_gb = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = torch.cuda.max_memory_allocated()
     reps = min(20, max(3, math.ceil(target_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(reps):
@@ -145,16 +112,17 @@ def _measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float,
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), peak_gb
+    return statistics.median(times), (peak - base) / 2**30, peak / 2**30
 
 
-def _timed(rows: list[Timing], what: str, length: int, impl: str, fn: Callable[[], object]) -> None:
+def timed(rows: list[Timing], what: str, length: int, impl: str, fn: Callable[[], object]) -> None:
+    """Append the measurement of ``fn`` to ``rows``, or its error (out of memory included)."""
     try:
         with torch.inference_mode():
-            ms, peak = _measure(fn)
-        rows.append(Timing(what, length, impl, ms, peak))
+            ms, extra, total = measure(fn)
+        rows.append(Timing(what, length, impl, ms, extra, total))
     except Exception as exc:  # one failed measurement must not lose the others
-        rows.append(Timing(what, length, impl, None, None, f"{type(exc).__name__}: {exc}"[:300]))
+        rows.append(Timing(what, length, impl, None, None, None, f"{type(exc).__name__}: {exc}"[:300]))
     torch.cuda.empty_cache()
 
 
@@ -162,33 +130,21 @@ def _config(length: int, layers: tuple[str, ...]) -> ReformerConfig:
     return ReformerConfig(**{**ENWIK8, "attn_layers": layers}).resolved(length)
 
 
-def _op_inputs(length: int, dtype: torch.dtype, attrs: LSHAttrs, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """qk, v [1,H,L,D] of the enwik8 head shape, rotations, and a mask with a padded tail."""
-    heads, dim = ENWIK8["num_attention_heads"], ENWIK8["attention_head_size"]
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    qk = torch.randn((1, heads, length, dim), device="cuda", generator=generator).to(dtype)
-    v = torch.randn((1, heads, length, dim), device="cuda", generator=generator).to(dtype)
-    mask = torch.ones(1, length, dtype=torch.int32, device="cuda")
-    mask[:, length - length // 7:] = 0  # the padding bucket in every round
-    return qk, v, make_rotations(0, heads, dim, attrs).cuda(), mask
+def _head_shape(length: int) -> tuple[int, int, int, int]:
+    return (1, ENWIK8["num_attention_heads"], length, ENWIK8["attention_head_size"])
 
 
-def check_parity(length: int, dtype: torch.dtype) -> Parity:
+def check_parity(length: int, dtype: torch.dtype) -> ParityRow:
     attrs = lsh_attrs(_config(length, ("lsh",)))
     name = str(dtype).removeprefix("torch.")
     try:
-        qk, v, rotations, mask = _op_inputs(length, dtype, attrs)
-        with torch.inference_mode():
-            out = lsh_attention_triton(qk, v, rotations, mask, attrs).float()
-            ref = lsh_attention_reference(qk, v, rotations, mask, attrs).float()
-            buckets = lsh_hash_triton(qk, rotations, mask, attrs).long()
-            mismatches = int((buckets != lsh_hash(qk, rotations, mask, attrs)).sum())
+        result = compare(*random_inputs(_head_shape(length), attrs, dtype, device="cuda"), attrs)
     except Exception as exc:
-        return Parity(length, name, math.inf, 0.0, -1, f"{type(exc).__name__}: {exc}"[:300])
+        return ParityRow(length, name, None, None, None, f"{type(exc).__name__}: {exc}"[:300])
     finally:
         torch.cuda.empty_cache()
-    tolerance = FP32_TOL if dtype == torch.float32 else 4 * FP16_UNIT_ROUNDOFF * v.float().abs().max().item()
-    return Parity(length, name, (out - ref).abs().max().item(), tolerance, mismatches)
+    return ParityRow(length, name, result.max_abs_err, result.tolerance,
+                     result.bucket_mismatches + result.order_mismatches)
 
 
 def _hf_config(config: ReformerConfig):  # -> transformers.ReformerConfig
@@ -199,28 +155,25 @@ def _hf_config(config: ReformerConfig):  # -> transformers.ReformerConfig
                                        local_attention_probs_dropout_prob=0.0)
 
 
-def _bench_ops(rows: list[Timing], length: int, attrs: LSHAttrs) -> None:
+def _bench_op(rows: list[Timing], length: int, attrs: LSHAttrs) -> None:
     """The attention cores alone, on [1,H,L,D] fp16: our op and dense causal SDPA."""
-    qk, v, rotations, mask = _op_inputs(length, torch.float16, attrs)
-    mask.fill_(1)
-    _timed(rows, "LSH layer", length, "ours (op)", lambda: lsh_attention_triton(qk, v, rotations, mask, attrs))
-    q, k = torch.randn_like(qk), torch.randn_like(qk)
+    qk, v, rotations, mask = random_inputs(_head_shape(length), attrs, torch.float16, padded=False, device="cuda")
+    timed(rows, LAYER, length, OURS_OP, lambda: lsh_attention_triton(qk, v, rotations, mask, attrs))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    _timed(rows, "LSH layer", length, "dense causal SDPA (op)", lambda: sdpa(q, k, v, is_causal=True))
+    timed(rows, LAYER, length, DENSE_OP, lambda: sdpa(qk, qk, v, is_causal=True))
 
 
 def bench_layer(rows: list[Timing], length: int) -> None:
     """The op alone, then whole layers (projections + attention) on x [1,L,d_model] fp16."""
     config = _config(length, ("lsh",))
-    _bench_ops(rows, length, lsh_attrs(config))
-    what = "LSH layer"
+    _bench_op(rows, length, lsh_attrs(config))
     torch.manual_seed(0)
     ours = LSHSelfAttention(config).eval().half().cuda()
     x = torch.randn(1, length, config.hidden_size, device="cuda", dtype=torch.float16)
     mask = torch.ones(1, length, dtype=torch.int32, device="cuda")
-    for kernels, name in (("triton", "ours (layer)"), ("reference", "reference (layer)")):
-        with _kernels(kernels):
-            _timed(rows, what, length, name, lambda: ours(x, mask))
+    for implementation, name in (("triton", "ours (layer)"), ("reference", "reference (layer)")):
+        with kernels(implementation):
+            timed(rows, LAYER, length, name, lambda: ours(x, mask))
     try:
         from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSHSelfAttention
 
@@ -230,30 +183,62 @@ def bench_layer(rows: list[Timing], length: int) -> None:
             hf.value.weight.copy_(ours.value.weight.float())
         hf = hf.half().cuda()
     except Exception as exc:
-        rows.append(Timing(what, length, "HF LSHSelfAttention (layer)", None, None, f"{type(exc).__name__}: {exc}"))
+        rows.append(Timing(LAYER, length, "HF LSHSelfAttention (layer)", None, None, None, f"{type(exc).__name__}: "
+                           f"{exc}"[:300]))
         return
-    _timed(rows, what, length, "HF LSHSelfAttention (layer)", lambda: hf(x))
+    timed(rows, LAYER, length, "HF LSHSelfAttention (layer)", lambda: hf(x))
 
 
-def bench_model(rows: list[Timing], length: int) -> None:
-    what = "12-layer model"
+def _bench_ours(rows: list[Timing], length: int, directory: str, ids: torch.Tensor,
+                profile: bool) -> list[dict] | None:
+    """Our ReformerModel from ``directory`` (fp16, Triton kernels); with ``profile``, its per-kernel times."""
+    ours = ReformerModel.from_pretrained(directory, max_length=length).half().cuda()
+    with kernels("triton"):
+        timed(rows, MODEL, length, OURS_MODEL, lambda: ours(ids))
+        return profile_forward(lambda: ours(ids)) if profile else None
+
+
+def bench_model(rows: list[Timing], length: int, dense: torch.nn.Module, profile: bool) -> list[dict] | None:
+    """Ours, HF (same weights) and the dense baseline at ``length``; with ``profile``, ours per kernel."""
+    ids = torch.randint(0, ENWIK8["vocab_size"], (1, length), device="cuda")
+    timed(rows, MODEL, length, DENSE_MODEL, lambda: dense(ids))
     try:
         import transformers
 
-        config = _config(length, ENWIK8["attn_layers"])
         torch.manual_seed(0)
-        hf = transformers.ReformerModel(_hf_config(config)).eval()
+        hf = transformers.ReformerModel(_hf_config(_config(length, ENWIK8["attn_layers"]))).eval()
         with tempfile.TemporaryDirectory() as directory:
             hf.save_pretrained(directory)
-            ours = ReformerModel.from_pretrained(directory, max_length=length).half().cuda()
-        hf = hf.half().cuda()
+            kernel_times = _bench_ours(rows, length, directory, ids, profile)
     except Exception as exc:
-        rows.append(Timing(what, length, "setup", None, None, f"{type(exc).__name__}: {exc}"[:300]))
-        return
-    ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
-    with _kernels("triton"):
-        _timed(rows, what, length, "ours ReformerModel", lambda: ours(ids))
-    _timed(rows, what, length, "HF ReformerModel", lambda: hf(input_ids=ids))
+        rows.append(Timing(MODEL, length, "setup", None, None, None, f"{type(exc).__name__}: {exc}"[:300]))
+        return None
+    torch.cuda.empty_cache()
+    hf = hf.half().cuda()
+    timed(rows, MODEL, length, HF_MODEL, lambda: hf(input_ids=ids))
+    return kernel_times
+
+
+def profile_forward(fn: Callable[[], object], top: int = 15) -> list[dict]:
+    """The ``top`` CUDA kernels of one call of ``fn`` by total device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    return [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1000} for e in events]
+
+
+def _versions() -> dict[str, str | None]:
+    import triton
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    return versions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,35 +248,41 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(the kernels' CPU check is `TRITON_INTERPRET=1 pytest tests/plugins`)", file=sys.stderr)
         sys.exit(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": torch.cuda.get_device_name(), "versions": _versions(),
+                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def save(**sections: object) -> None:
+        report.update(sections)
+        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
     parity = [check_parity(length, dtype) for length in args.lengths for dtype in (torch.float32, torch.float16)]
-    torch.cuda.empty_cache()
+    save(parity=[{**dataclasses.asdict(p), "ok": p.ok} for p in parity])
     rows: list[Timing] = []
     for length in args.lengths:
         bench_layer(rows, length)
+        save(timings=[dataclasses.asdict(r) for r in rows])
     if not args.skip_model:
+        with torch.device("cuda"):
+            dense = DenseTransformer(vocab_size=ENWIK8["vocab_size"]).half().eval()
         for length in MODEL_LENGTHS:
-            bench_model(rows, length)
-            torch.cuda.empty_cache()
-
-    import triton
-
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        versions["transformers"] = transformers.__version__
+            kernel_times = bench_model(rows, length, dense, args.profile and length == MODEL_LENGTHS[-1])
+            save(timings=[dataclasses.asdict(r) for r in rows])
+            if kernel_times:
+                save(profile={"what": f"ours ReformerModel, L={length}, fp16", "kernels": kernel_times})
+    targets = benchmark_targets(rows)
+    save(targets=[{**dataclasses.asdict(t), "ratio": t.ratio, "met": t.met} for t in targets])
     errors = [f"parity L={p.length} {p.dtype}: {p.error}" for p in parity if p.error]
     errors += [f"{r.what} L={r.length} {r.impl}: {r.error}" for r in rows if r.error]
-    markdown = "\n\n".join([f"Parity on {device}, {date}", format_parity(parity), format_table(rows, device, date)]
-                           + (["Errors:\n" + "\n".join(f"- {e}" for e in errors)] if errors else []))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"device": device, "date": date, "versions": versions,
-              "parity": [{**dataclasses.asdict(p), "ok": p.ok} for p in parity],
-              "timings": [dataclasses.asdict(r) for r in rows]}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    sections = [f"Parity on {report['device']}, {report['date']}", format_parity(parity),
+                format_table(rows, report["device"], report["date"]), "Targets (fp16, B=1)", format_targets(targets)]
+    if "profile" in report:
+        sections.append(f"CUDA kernels of {report['profile']['what']} (torch.profiler):\n" + "\n".join(
+            f"- {k['ms']:.3f} ms, {k['calls']} calls: {k['kernel']}" for k in report["profile"]["kernels"]))
+    if errors:
+        sections.append("Errors:\n" + "\n".join(f"- {e}" for e in errors))
+    markdown = "\n\n".join(sections)
     (out / "bench.md").write_text(markdown + "\n", encoding="utf-8")
     print(markdown)
     return 0 if all(p.ok for p in parity) else 1

@@ -1,23 +1,31 @@
-"""``reformer-rt doctor``: what this machine can run, and -- where TensorRT and a GPU exist -- proof that it works.
+"""``reformer-rt doctor``: what this machine can run, and proof that what is present works.
 
-The report covers Python, torch (CUDA build, GPU name and compute capability), triton (and whether the LSH kernels
-load; on a GPU they run on a small case and are compared with the fp32 reference), onnxruntime (version and
-execution providers), TensorRT (version, or why it is unusable, with the install line for this torch's CUDA) and
-whether the LSHAttention plugin is registered.
+The report covers Python, torch (CUDA build, GPU name and compute capability), triton, onnxruntime (version, the
+distribution that provides it, usable execution providers -- and the package to fix when a GPU has no
+CUDAExecutionProvider, or when the CPU wheel ``onnxruntime`` shadows ``onnxruntime-gpu``), TensorRT (version, or
+why it is unusable, with the install line for this torch's CUDA) and whether the LSHAttention plugin is
+registered.
+
+On a CUDA GPU with triton it then runs the Triton self-test -- the compiled kernels on small cases (hashed and
+full attention, factorized buckets, ragged masks) against the fp32 reference on the CPU, in fp32 and in fp16, with
+the tolerances of ``reformer_rt.plugins.parity`` -- and a forward pass of a tiny random LM on the GPU (Triton
+kernels) against the same model on the CPU (reference op). Each check prints its figure.
 
 The TensorRT self-test then exports a tiny random model in plugin form, builds an engine (no cache, no TF32),
 runs it on padded and unpadded batches through ``TensorRTBackend`` and compares it with the PyTorch model on the
 CPU (the fp32 reference LSH), within the exporter's float32 tolerance. This is the check to run on a TensorRT
 machine before trusting the TensorRT path: the project's own CI has no TensorRT.
 
-Exit code 0 when nothing failed (a missing optional component is reported, not failed), 1 otherwise. Without
-TensorRT the report says that the self-test did not run and why.
+Exit code 0 when everything present works (a missing optional component is reported, not failed), 1 otherwise.
+Checks that need what this machine lacks say that they did not run and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import importlib.util
 import platform
 import tempfile
 from collections.abc import Callable
@@ -27,12 +35,14 @@ import numpy as np
 import torch
 
 from reformer_rt.models import ReformerConfig, ReformerLM
-from reformer_rt.models.lsh import OP_ID
+from reformer_rt.models.lsh import OP_ID, LSHAttrs
 
 from .errors import BackendUnavailable
+from .hardware import gpu_info
 
 OK, ABSENT, FAILED = "ok", "absent", "FAILED"
 TENSORRT, PLUGIN, SELF_TEST = "tensorrt", "lsh plugin", "tensorrt self-test"
+CUDA_FORWARD = "cuda forward"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +99,9 @@ def check_torch() -> Check:
     cuda = torch.version.cuda or "none (CPU build)"
     if not torch.cuda.is_available():
         return Check("torch", OK, f"{torch.__version__}, CUDA {cuda}, no GPU visible")
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return Check("torch", OK, f"{torch.__version__}, CUDA {cuda}, GPU {torch.cuda.get_device_name(index)} "
-                              f"(compute capability {major}.{minor})")
+    gpu = gpu_info()
+    return Check("torch", OK, f"{torch.__version__}, CUDA {cuda}, GPU {gpu.name} (compute capability "
+                              f"{gpu.compute_capability})")
 
 
 def check_triton() -> Check:
@@ -100,36 +109,114 @@ def check_triton() -> Check:
         import triton
     except ImportError:
         return Check("triton", ABSENT, "not installed (the LSH kernels need it: pip install triton)")
-    from reformer_rt.plugins import lsh_attention_triton  # ImportError here is a broken install: FAILED
+    import reformer_rt.plugins  # noqa: F401  (ImportError here is a broken install: FAILED)
 
+    where = "compiled for this GPU on first use" if torch.cuda.is_available() else "they run on CUDA tensors"
+    return Check("triton", OK, f"{triton.__version__}; the LSH kernels import ({where})")
+
+
+def _gpu_kernels_missing() -> str | None:
+    """Why the GPU self-tests cannot run here, or None."""
     if not torch.cuda.is_available():
-        return Check("triton", OK, f"{triton.__version__}; kernels import (they run on CUDA tensors)")
-    diff = _kernel_difference(lsh_attention_triton)
-    status = OK if diff <= 1e-4 else FAILED
-    return Check("triton", status, f"{triton.__version__}; kernels on the GPU vs fp32 reference: max abs diff "
-                                   f"{diff:.2e} (tolerance 1e-4)")
+        return "not run: no CUDA GPU"
+    if importlib.util.find_spec("triton") is None:
+        return "not run: triton is not installed"
+    return None
 
 
-def _kernel_difference(kernel: Callable[..., torch.Tensor]) -> float:
-    from reformer_rt.models.lsh import LSHAttrs, lsh_attention_reference, make_rotations
+#: Small self-test cases: (shape [B,H,L,D], attributes): hashed with 2 and 4 rounds, factorized, the enwik8 head
+#: and chunk, and full attention (L <= chunk). Ragged masks throughout.
+KERNEL_CASES = (((2, 2, 64, 32), LSHAttrs(2, (4,), 16, 1, 0, True)),
+                ((1, 2, 256, 64), LSHAttrs(4, (4, 8), 64, 1, 1, False)),
+                ((1, 2, 1024, 128), LSHAttrs(4, (32,), 256, 1, 0, True)),
+                ((2, 2, 48, 32), LSHAttrs(2, (4,), 64, 1, 0, True)))
 
-    attrs = LSHAttrs(num_hashes=2, bucket_factors=(4,), chunk_length=16, chunks_before=1, causal=True)
+
+def _kernel_check(name: str, dtype: torch.dtype) -> Check:
+    missing = _gpu_kernels_missing()
+    if missing:
+        return Check(name, ABSENT, missing)
+    from reformer_rt.plugins.parity import compare, random_inputs
+
+    results = [compare(*random_inputs(shape, attrs, dtype, device="cuda"), attrs, reference_device="cpu")
+               for shape, attrs in KERNEL_CASES]
+    worst = max(results, key=lambda r: r.max_abs_err / r.tolerance)
+    wrong = sum(r.bucket_mismatches + r.order_mismatches for r in results)
+    status = OK if all(r.ok for r in results) else FAILED
+    return Check(name, status, f"Triton on the GPU vs the fp32 reference, {len(results)} cases: max abs err "
+                               f"{worst.max_abs_err:.2e} (tolerance {worst.tolerance:.2e}); {wrong} bucket/order "
+                               "mismatches")
+
+
+def check_kernels_fp32() -> Check:
+    return _kernel_check("kernels fp32", torch.float32)
+
+
+def check_kernels_fp16() -> Check:
+    return _kernel_check("kernels fp16", torch.float16)
+
+
+def check_cuda_forward() -> Check:
+    """The tiny LM on the GPU (Triton kernels) vs the same model on the CPU (reference op), ragged batches."""
+    missing = _gpu_kernels_missing()
+    if missing:
+        return Check(CUDA_FORWARD, ABSENT, missing)
+    from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
+
+    model = tiny_model()
+    on_gpu = tiny_model().cuda()
     generator = torch.Generator().manual_seed(0)
-    qk, v = (torch.randn(2, 2, 64, 32, generator=generator) for _ in range(2))
-    mask = torch.ones(2, 64, dtype=torch.int32)
-    mask[1, 40:] = 0
-    rotations = make_rotations(0, 2, 32, attrs)
-    expected = lsh_attention_reference(qk, v, rotations, mask, attrs)
-    got = kernel(*(t.cuda() for t in (qk, v, rotations, mask)), attrs).cpu()
-    return float((got - expected)[mask.bool()[:, None, :, None].expand_as(got)].abs().max())
+    worst = 0.0
+    for batch, length, ragged in SELF_TEST_CASES:
+        ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
+        with torch.inference_mode():
+            expected = model(ids, mask)
+            got = on_gpu(ids.cuda(), mask.cuda()).cpu()
+        worst = max(worst, (got - expected)[mask.bool()].abs().max().item())
+    status = OK if worst <= FP32_ABS_TOL else FAILED
+    return Check(CUDA_FORWARD, status, f"tiny LM, GPU (Triton) vs CPU (reference) on {len(SELF_TEST_CASES)} "
+                                       f"batches: max abs diff {worst:.2e} on logits (tolerance {FP32_ABS_TOL:g})")
+
+
+#: The ONNX Runtime wheels that install the module ``onnxruntime``: installed together, the last one wins per file.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+ORT_GPU_REPAIR = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+
+
+def _installed(names: tuple[str, ...]) -> list[str]:
+    found = []
+    for name in names:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
 
 
 def check_onnxruntime() -> Check:
+    installed = _installed(ORT_DISTRIBUTIONS)
+    if len(installed) > 1:
+        return Check("onnxruntime", FAILED, "both onnxruntime and onnxruntime-gpu are installed: they install the "
+                                            "same module, so the CPU wheel shadows the GPU one; repair: "
+                                            f"{ORT_GPU_REPAIR}")
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        return Check("onnxruntime", FAILED, f"cannot import ({exc}); pip install onnxruntime")
-    return Check("onnxruntime", OK, f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}")
+        return Check("onnxruntime", ABSENT, f"cannot import ({exc}); the ONNX Runtime backend and export "
+                                            'validation need it: pip install "reformer-rt[cpu]" (CPU) or '
+                                            '"reformer-rt[cuda]" (GPU)')
+    providers = ort.get_available_providers()
+    detail = f"{ort.__version__} ({installed[0] if installed else 'unknown distribution'}), usable providers: " \
+             f"{', '.join(providers)}"
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" in providers:
+        return Check("onnxruntime", OK, detail)
+    if "onnxruntime-gpu" in installed:
+        return Check("onnxruntime", FAILED, f"{detail}; onnxruntime-gpu is installed but offers no "
+                                            "CUDAExecutionProvider: reinstall the build for this CUDA: "
+                                            f"{ORT_GPU_REPAIR}")
+    return Check("onnxruntime", OK, f"{detail}; no CUDAExecutionProvider, so ONNX files run on the CPU here -- for "
+                                    f"this GPU: {ORT_GPU_REPAIR}")
 
 
 def check_tensorrt() -> Check:
@@ -203,6 +290,6 @@ def tiny_model() -> ReformerLM:
     return model.eval()
 
 
-
 PROBES = (("python", check_python), ("torch", check_torch), ("triton", check_triton),
-          ("onnxruntime", check_onnxruntime), (TENSORRT, check_tensorrt), (PLUGIN, check_plugin))
+          ("kernels fp32", check_kernels_fp32), ("kernels fp16", check_kernels_fp16),
+          (CUDA_FORWARD, check_cuda_forward), ("onnxruntime", check_onnxruntime), (TENSORRT, check_tensorrt), (PLUGIN, check_plugin))

@@ -13,6 +13,11 @@ Data flow for ``L > chunk`` (the launchers sort in between; no sorted copy of qk
 ``L <= chunk`` runs ``_lsh_attend_kernel`` with ``SORTED=False``: the sequence is one chunk in original order
 with no look-around, i.e. full attention with the same masks.
 
+Specialization. Tile sizes, dtypes and ``SORTED`` (which changes the loads the software pipeliner overlaps) are
+constexprs; flags that only select a comparison or a final store (``CAUSAL``, ``WRITE_LSE``) and the number of
+bucket factors are runtime integers excluded from the JIT's value specialization (``do_not_specialize``), so they
+do not multiply the compiled variants each GPU builds and ``reformer_rt.plugins.compile_check`` verifies.
+
 Numerics. Scores are ``(q . k) * inv_rms(k) / sqrt(D)`` rather than ``q . (k * inv_rms(k) / sqrt(D))``: the same
 value up to fp32 rounding, and with fp16 inputs the dot then runs on exact fp16 operands (tensor cores, fp32
 accumulation) instead of on keys rounded to fp16 after normalisation. fp32 dots request ``ieee`` precision (no
@@ -37,15 +42,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_FACTORS"])
 def _lsh_hash_kernel(
     QK, ROTATIONS, MASK, FACTORS, BUCKETS,
     stride_qk_b, stride_qk_h, stride_qk_l, stride_qk_d,
     stride_rot_h, stride_rot_d, stride_rot_r, stride_rot_c,
     stride_mask_b, stride_mask_l,
     stride_buckets_b, stride_buckets_h, stride_buckets_r, stride_buckets_l,
-    H, L, D, ROT_HALF, PAD_BUCKET,
-    N_FACTORS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    H, L, D, ROT_HALF, PAD_BUCKET, N_FACTORS,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Bucket ids of BLOCK_L positions of one (b, h, round): argmax over [xR, -xR] per factor, mixed radix."""
     tl.static_assert(BLOCK_K >= 16, "tl.dot needs K >= 16")
@@ -72,9 +77,9 @@ def _lsh_hash_kernel(
         rotated = tl.dot(x.to(tl.float32), rot, acc=rotated, input_precision="ieee")  # [BLOCK_L, BLOCK_C]
 
     bucket = tl.zeros([BLOCK_L], dtype=tl.int32)
-    start = 0
-    radix = 1
-    for i in tl.static_range(N_FACTORS):
+    start = tl.zeros([], dtype=tl.int32)
+    radix = tl.full([], 1, dtype=tl.int32)
+    for i in range(N_FACTORS):
         factor = tl.load(FACTORS + i)
         half = factor // 2
         in_factor = ((offs_c >= start) & (offs_c < start + half))[None, :]
@@ -95,7 +100,7 @@ def _lsh_hash_kernel(
              + offs_l * stride_buckets_l, bucket, mask=l_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CAUSAL", "WRITE_LSE"])
 def _lsh_attend_kernel(
     QK, V, ORDER, MASK, OUT, LSE,
     stride_qk_b, stride_qk_h, stride_qk_l, stride_qk_d,
@@ -104,9 +109,8 @@ def _lsh_attend_kernel(
     stride_mask_b, stride_mask_l,
     stride_out_b, stride_out_h, stride_out_s, stride_out_d,
     stride_lse_b, stride_lse_h, stride_lse_s,
-    H, L, D, CHUNK, N_CHUNKS, BEFORE, WINDOW, SM_SCALE, EPS,
-    MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr,
-    CAUSAL: tl.constexpr, SORTED: tl.constexpr, WRITE_LSE: tl.constexpr,
+    H, L, D, CHUNK, N_CHUNKS, BEFORE, WINDOW, SM_SCALE, EPS, CAUSAL, WRITE_LSE,
+    MASK_VALUE: tl.constexpr, SELF_MASK_VALUE: tl.constexpr, SORTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """BLOCK_M query rows of one sorted chunk attend to the WINDOW chunks starting BEFORE chunks earlier.
@@ -165,8 +169,8 @@ def _lsh_attend_kernel(
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * key_scale[None, :]
 
         allowed = tl.load(mask_base + k_pos * stride_mask_l, mask=n_ok, other=0)[None, :] != 0
-        if CAUSAL:
-            allowed = allowed & (q_pos[:, None] >= k_pos[None, :])
+        # CAUSAL is a runtime flag (see the module docstring): a select, no branch, in the pipelined loop.
+        allowed = allowed & ((q_pos[:, None] >= k_pos[None, :]) | (CAUSAL == 0))
         scores = tl.where(allowed, scores, MASK_VALUE)
         scores = tl.where(q_pos[:, None] == k_pos[None, :], SELF_MASK_VALUE, scores)
         scores = tl.where(n_ok[None, :], scores, float("-inf"))
@@ -185,7 +189,7 @@ def _lsh_attend_kernel(
     row = (s_q // L).to(tl.int64) * L + q_pos
     tl.store(OUT + b * stride_out_b + h * stride_out_h + row[:, None] * stride_out_s + offs_d[None, :] * stride_out_d,
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
+    if WRITE_LSE != 0:
         tl.store(LSE + b * stride_lse_b + h * stride_lse_h + row * stride_lse_s, lse, mask=m_ok)
 
 

@@ -328,8 +328,12 @@ def test_doctor_reports_and_says_the_self_test_did_not_run() -> None:
     result = _cli("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line[:20].strip(): line[20:].split(maxsplit=1) for line in result.stdout.splitlines()[:-1]}
-    assert set(lines) == {"python", "torch", "triton", "onnxruntime", "tensorrt", "lsh plugin", "tensorrt self-test"}
+    assert set(lines) == {"python", "torch", "triton", "kernels fp32", "kernels fp16", "cuda forward", "onnxruntime",
+                          "tensorrt", "lsh plugin", "tensorrt self-test"}
     assert lines["torch"][0] == "ok" and lines["onnxruntime"][0] == "ok" and lines["python"][0] == "ok"
+    if not torch.cuda.is_available():
+        for name in ("kernels fp32", "kernels fp16", "cuda forward"):
+            assert lines[name] == ["absent", "not run: no CUDA GPU"]
     assert lines["tensorrt"][0] == "absent" and 'pip install "tensorrt-cu12>=10.8"' in lines["tensorrt"][1]
     assert lines["lsh plugin"][0] == "absent"
     assert lines["tensorrt self-test"] == ["absent", "not run: no usable TensorRT on this machine (see the "
