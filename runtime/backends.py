@@ -27,6 +27,7 @@ from reformer_rt.models import InputError, ReformerConfig, ReformerLM, ReformerM
 from reformer_rt.models.modeling import FeedForward, LMHead
 
 from .errors import BackendUnavailable
+from .outputs import LAST_LOGITS  # the LM head at each row's last valid position only: [B, 1, vocab]
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
@@ -80,7 +81,9 @@ class TorchBackend:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (LM_OUTPUT, BASE_OUTPUT) if isinstance(self.model, ReformerLM) else (BASE_OUTPUT,)
+        if isinstance(self.model, ReformerLM):
+            return (LM_OUTPUT, BASE_OUTPUT, LAST_LOGITS)
+        return (BASE_OUTPUT,)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -89,10 +92,14 @@ class TorchBackend:
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
-            hidden = body(ids, mask)
+            hidden = body(ids, mask)  # [B, L, 2*hidden]
             result = {BASE_OUTPUT: hidden} if BASE_OUTPUT in wanted else {}
             if LM_OUTPUT in wanted:
                 result[LM_OUTPUT] = self.model.lm_head(hidden)
+            if LAST_LOGITS in wanted:
+                last = (mask != 0).sum(dim=1).clamp(min=1) - 1  # [B]: the last valid position of each row
+                rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, 2*hidden]
+                result[LAST_LOGITS] = self.model.lm_head(rows[:, None])  # [B, 1, vocab]
             return {name: tensor.float().cpu().numpy() for name, tensor in result.items()}
 
 

@@ -294,7 +294,10 @@ def table(points: list[Point]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .serving import require_serve_extra
     from .serving.process import ServeProcess
+
+    require_serve_extra()
 
     levels = parse_ints(args.concurrency, "--concurrency")
     if args.requests < 1:

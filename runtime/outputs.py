@@ -11,7 +11,9 @@
 | embedding         | last_hidden_state   | [2*hidden], mean or last        | float32 |
 
 Whole-sequence logits of long inputs are large (512K tokens x 320 vocab = 671 MB in float32); the reduced outputs
-are computed per micro-batch, so asking only for them never holds every sequence's logits at once. Options:
+are computed per micro-batch, so asking only for them never holds every sequence's logits at once, and where the
+backend gives the last position's logits alone (the torch backend: ``logits_at_last``) the last-position outputs
+never compute the others. Options:
 ``top_k`` (how many of the last position's best ids, default 5) and ``pooling`` (``mean`` over the sequence's
 tokens or its ``last`` token, default mean).
 """
@@ -24,6 +26,9 @@ from collections.abc import Callable
 import numpy as np
 
 from reformer_rt.export.metadata import BASE_OUTPUT, LM_OUTPUT
+
+#: The torch backend's last-position logits (``backends.LAST_LOGITS``; named here to keep this module a leaf).
+LAST_LOGITS = "logits_at_last"
 from reformer_rt.models import InputError, ReformerConfig
 
 POOLINGS = ("mean", "last")
@@ -69,11 +74,12 @@ Reducer = Callable[[np.ndarray, np.ndarray, OutputOptions], np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class OutputKind:
     name: str
-    source: str  # the raw backend output it is computed from
+    source: str  # the raw backend output it is computed from (the first of ``sources`` the backend gives)
     dtype: type
     dims: tuple[str, ...]  # symbolic per-sequence dims: "n" tokens, "n-1", "vocab", "hidden", "k"
     reduce: Reducer  # (raw row [n, X], ids [n], options) -> this output for the sequence
     doc: str
+    cheaper: tuple[str, ...] = ()  # raw outputs that give the same result for less, preferred when available
 
     def shape(self, config: ReformerConfig) -> list[int]:
         """Per-sequence shape with -1 for what varies per request (KServe model metadata)."""
@@ -85,11 +91,11 @@ OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
     OutputKind("logits", LM_OUTPUT, np.float32, ("n", "vocab"), lambda row, ids, o: row,
                "logits at every position"),
     OutputKind("last_logits", LM_OUTPUT, np.float32, ("vocab",), lambda row, ids, o: row[-1],
-               "logits of the last position (the next-token distribution)"),
+               "logits of the last position (the next-token distribution)", (LAST_LOGITS,)),
     OutputKind("top_k_ids", LM_OUTPUT, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
-               "the top_k most likely next tokens, best first"),
+               "the top_k most likely next tokens, best first", (LAST_LOGITS,)),
     OutputKind("top_k_log_probs", LM_OUTPUT, np.float32, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[1],
-               "log-probabilities of top_k_ids"),
+               "log-probabilities of top_k_ids", (LAST_LOGITS,)),
     OutputKind("log_probs", LM_OUTPUT, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
                "log p(id[t+1] | id[..t]) of the given ids (scoring)"),
     OutputKind("last_hidden_state", BASE_OUTPUT, np.float32, ("n", "hidden"), lambda row, ids, o: row,
@@ -124,8 +130,12 @@ def available_outputs(raw_outputs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def output_kind(name: str, raw_outputs: tuple[str, ...]) -> OutputKind:
-    """The kind called ``name``, or an error listing what this model gives."""
+    """The kind called ``name``, computed from the cheapest raw output the backend gives, or an error listing what
+    this model gives."""
     kind = OUTPUT_KINDS.get(name)
+    cheaper = [source for source in (kind.cheaper if kind else ()) if source in raw_outputs]
+    if kind is not None and cheaper:
+        return dataclasses.replace(kind, source=cheaper[0])
     if kind is None or kind.source not in raw_outputs:
         why = "unknown output" if kind is None else (
             f"needs {kind.source}, which this model does not give (an ONNX file or engine holds only the output it "

@@ -122,8 +122,7 @@ class ReformerReplica:
         request = decode()
         parsed = slot.model.parse(request, default_priority=0)
         config = slot.model.session.config
-        items = [_Item(model_name, SequenceJob(seq, tuple(parsed.kinds), parsed.options),
-                       bucket_length(config, len(seq))) for seq in parsed.sequences]
+        items = [_Item(model_name, job, bucket_length(config, len(job.sequence))) for job in parsed.jobs()]
         results = await asyncio.gather(*(self.batched(item) for item in items))
         rows = {kind.name: [r[kind.name] for r in results] for kind in parsed.kinds}
         return slot.model.respond(request, parsed, rows)

@@ -183,7 +183,12 @@ def log_to_stderr() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serving import InferenceServer, SchedulerOptions, ServedModel, ServerOptions
+    from .serving import require_serve_extra
+
+    require_serve_extra()
+    from .serving.model import ServedModel
+    from .serving.scheduler import SchedulerOptions
+    from .serving.server import InferenceServer, ServerOptions
     from .session import Session
 
     log_to_stderr()

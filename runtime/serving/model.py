@@ -25,7 +25,7 @@ import numpy as np
 
 from reformer_rt.models import ReformerError
 
-from ..outputs import OutputKind, OutputOptions, pad_stack
+from ..outputs import OutputKind, OutputOptions, SequenceJob, pad_stack
 from ..session import Session
 from ..tokenizers import Tokenizer, load_tokenizer
 from .protocol import BadRequest, InferRequest, InferResponse, datatype_of
@@ -52,6 +52,10 @@ class ParsedRequest:
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
+
+    def jobs(self) -> list[SequenceJob]:
+        """One ``SequenceJob`` per sequence, for ``Session.run_jobs`` / ``run_micro_batch``."""
+        return [SequenceJob(seq, tuple(self.kinds), self.options) for seq in self.sequences]
 
 
 class ServedModel:

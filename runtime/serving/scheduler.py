@@ -56,6 +56,7 @@ class Completed:
 @dataclasses.dataclass(eq=False)
 class _Job:
     parsed: ParsedRequest
+    jobs: list[SequenceJob]  # one per sequence
     future: asyncio.Future
     arrival: float
     deadline: float | None
@@ -112,7 +113,7 @@ class Scheduler:
                               "waiting); retry later", retry_after_s=1.0)
         now = time.monotonic()
         deadline = None if parsed.timeout_us is None else now + parsed.timeout_us / 1e6
-        job = _Job(parsed, asyncio.get_running_loop().create_future(), now, deadline,
+        job = _Job(parsed, parsed.jobs(), asyncio.get_running_loop().create_future(), now, deadline,
                    {kind.name: [np.empty(0)] * len(parsed.sequences) for kind in parsed.kinds},
                    waiting=len(parsed.sequences))
         order = next(self._order)
@@ -251,9 +252,7 @@ class Scheduler:
 
     def _compute(self, batch: list[_Item], length: int) -> list[dict[str, np.ndarray]]:
         """On the worker thread: one forward pass, then each sequence's requested outputs."""
-        jobs = [SequenceJob(item.job.parsed.sequences[item.index], tuple(item.job.parsed.kinds),
-                            item.job.parsed.options) for item in batch]
-        return self.model.session.run_micro_batch(jobs, length)
+        return self.model.session.run_micro_batch([item.job.jobs[item.index] for item in batch], length)
 
     # ----------------------------------------------------------------------------------------------- outcomes
     def _fail(self, job: _Job, exc: BaseException) -> None:

@@ -112,10 +112,10 @@ def test_request_waiting_past_its_timeout_gets_503(patient_server) -> None:
 
 def test_priority_orders_the_queue(tiny_checkpoint) -> None:
     """In process: while the worker is busy, requests queue; lower priority values run first."""
-    from reformer_rt.runtime.serving import SchedulerOptions, ServedModel
     from reformer_rt.runtime.serving.metrics import Metrics
+    from reformer_rt.runtime.serving.model import ServedModel
     from reformer_rt.runtime.serving.protocol import InferRequest
-    from reformer_rt.runtime.serving.scheduler import Scheduler
+    from reformer_rt.runtime.serving.scheduler import Scheduler, SchedulerOptions
 
     model = ServedModel("tiny", Session(tiny_checkpoint, backend="torch", device="cpu"))
 
