@@ -2,9 +2,13 @@
 
 Keys (prefix ``reformer_rt.``): ``config`` (the resolved model config as JSON, transformers field names),
 ``op_contract_version``, ``hash_seed``, ``num_buckets`` (JSON: an int or a list of factors), ``export_options``
-(JSON: attention, dtype, opset, max_length, padding rule, output name), ``package_version``. The runtime reads
+(JSON: attention, dtype, opset, max_length, padding rule, output name), ``package_version``, and ``sha256`` (the
+file's own fingerprint: sha256 of the serialized model without that entry; ``seal`` adds it, so a file damaged
+or edited after export is refused instead of computing wrong numbers -- not recorded for graphs over 2 GB, whose
+weights live in external data). The runtime reads
 these instead of guessing: ``read_metadata`` is the one parser, ``export_metadata`` the one check that a file is a
-readable reformer-rt export whose metadata agrees with its graph (and, when asked, in the LSH form the caller needs).
+readable reformer-rt export whose metadata agrees with its graph (inputs, output and its width, opset, LSH nodes,
+max_length) and, when asked, in the LSH form the caller needs. ``RUNS_ON`` says which runtimes run each form.
 
 The graph interface is named here once: inputs ``GRAPH_INPUTS`` (int64 [batch, length]), output ``LM_OUTPUT`` or
 ``BASE_OUTPUT``.
@@ -13,6 +17,7 @@ The graph interface is named here once: inputs ``GRAPH_INPUTS`` (int64 [batch, l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
@@ -21,8 +26,10 @@ from typing import Any
 import onnx
 
 from reformer_rt.models import OP_VERSION, InputError, ReformerConfig
+from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME
 
 PREFIX = "reformer_rt."
+DIGEST_KEY = PREFIX + "sha256"
 PACKAGE = "reformer-rt"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LM_OUTPUT = "logits"
@@ -34,6 +41,13 @@ _FORMS = {
                  "CHECKPOINT -o MODEL.onnx --attention portable"),
     "plugin": ("LSHAttention plugin nodes, which run on TensorRT only", "TensorRT engines need the plugin form (one "
                "LSHAttention node per layer): reformer-rt export CHECKPOINT -o MODEL.onnx --attention plugin"),
+}
+#: Who can run a file of each LSH form (printed by ``reformer-rt export``).
+RUNS_ON = {
+    "portable": "ONNX Runtime on CPU or CUDA (reformer-rt run / serve, Session); not TensorRT (export with "
+                "--attention plugin for that)",
+    "plugin": "TensorRT with the reformer-rt plugin only (reformer-rt build, then run the engine); not ONNX Runtime "
+              "(export with --attention portable for that)",
 }
 
 
@@ -76,6 +90,27 @@ def attach(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def content_sha256(model: onnx.ModelProto) -> str:
+    """sha256 of ``model`` serialized without its ``DIGEST_KEY`` entry (protobuf's serialization of a parsed file
+    gives back the same bytes, so this is stable across save and load)."""
+    entries = [(p.key, p.value) for p in model.metadata_props]
+    del model.metadata_props[:]
+    for key, value in entries:
+        if key != DIGEST_KEY:
+            model.metadata_props.add(key=key, value=value)
+    try:
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    finally:
+        del model.metadata_props[:]
+        for key, value in entries:
+            model.metadata_props.add(key=key, value=value)
+
+
+def seal(model: onnx.ModelProto) -> None:
+    """Record ``model``'s fingerprint in it (the last change before it is saved)."""
+    attach(model, {DIGEST_KEY: content_sha256(model)})
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``reformer_rt.*`` entries of an exported file, JSON values decoded, without loading its weights."""
     model = onnx.load(str(path), load_external_data=False)
@@ -99,24 +134,61 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
     except Exception as exc:  # protobuf's DecodeError and others for a file that is not ONNX
         raise InputError(f"{path}: cannot read it as ONNX ({type(exc).__name__}: {exc}); expected a file written "
                          "by reformer-rt export") from exc
-    entries = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     redo = "re-export it with reformer-rt export"
+    if not all(isinstance(p.key, str) and isinstance(p.value, str) for p in model.metadata_props):
+        raise InputError(f"{path}: damaged (its metadata is not UTF-8 text); {redo}")  # protobuf gives bytes then
+    entries = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "config" not in entries or "export_options" not in entries:
         raise InputError(f"{path}: no reformer_rt metadata; expected a file written by reformer-rt export ({redo})")
+    recorded = entries.get(DIGEST_KEY[len(PREFIX):])
+    if recorded is not None and recorded != content_sha256(model):
+        raise InputError(f"{path}: damaged or edited since it was exported (its contents no longer match the sha256 "
+                         f"recorded in it); {redo}")
     try:
         metadata = read_metadata(path)
-        ReformerConfig.from_dict(metadata["config"])
+        config = ReformerConfig.from_dict(metadata["config"])
         options = metadata["export_options"]
         form, output, max_length = options["attention"], options["output_name"], int(options["max_length"])
+        opset = int(options["opset"])
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: its reformer_rt metadata is malformed ({type(exc).__name__}: {exc}); {redo}") from exc
-    inputs = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    outputs = tuple(o.name for o in model.graph.output)
-    if sorted(inputs) != sorted(GRAPH_INPUTS) or output not in outputs or form not in ATTENTION_FORMS \
-            or max_length < 1:
-        raise InputError(f"{path}: metadata disagrees with the graph (metadata: output {output!r}, attention "
-                         f"{form!r}, max_length {max_length}; graph: inputs {list(inputs)}, outputs "
-                         f"{list(outputs)}); {redo}")
+    disagreements = _disagreements(model, config, form, output, max_length, opset)
+    if disagreements:
+        raise InputError(f"{path}: its reformer_rt metadata disagrees with its graph ({'; '.join(disagreements)}); "
+                         f"{redo}")
     if attention is not None and form != attention:
         raise InputError(f"{path}: attention={form!r} ({_FORMS[form][0]}); {_FORMS[attention][1]}")
     return metadata
+
+
+def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, output: str, max_length: int,
+                   opset: int) -> list[str]:
+    """Each way the graph differs from what its metadata says, as 'metadata says X, graph has Y'."""
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input if i.name not in {t.name for t in graph.initializer}}
+    outputs = {o.name: o for o in graph.output}
+    found = []
+    if sorted(inputs) != sorted(GRAPH_INPUTS) or any(
+            i.type.tensor_type.elem_type != onnx.TensorProto.INT64 for i in inputs.values()):
+        found.append(f"inputs: expected int64 {list(GRAPH_INPUTS)}, graph has {list(inputs)}")
+    width = {LM_OUTPUT: config.vocab_size, BASE_OUTPUT: 2 * config.hidden_size}.get(output)
+    if width is None or output not in outputs:
+        found.append(f"output: metadata says {output!r}, graph has {list(outputs)}")
+    else:
+        dims = outputs[output].type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width:
+            found.append(f"{output} width: config says {width}, graph has {dims[-1].dim_value}")
+    if form not in ATTENTION_FORMS:
+        found.append(f"attention: metadata says {form!r}, expected one of {ATTENTION_FORMS}")
+    else:
+        nodes = sum(n.op_type == OP_NAME and n.domain == ONNX_DOMAIN for n in graph.node)
+        expected = config.attn_layers.count("lsh") if form == "plugin" else 0
+        if nodes != expected:
+            found.append(f"attention: metadata says {form!r} ({expected} {OP_NAME} nodes), graph has {nodes}")
+    if not 1 <= max_length <= config.max_position_embeddings:
+        found.append(f"max_length: metadata says {max_length}, expected 1..{config.max_position_embeddings} "
+                     "(max_position_embeddings)")
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        found.append(f"opset: metadata says {opset}, graph has {written}")
+    return found

@@ -3,8 +3,12 @@
 Steps: load the model (HF or reformer-rt checkpoint directory, or a model object) -> trace it with the chosen
 LSH lowering (``lowering.py``) -> float16 precision pass (``precision.py``) -> metadata (``metadata.py``) -> save
 into a temporary directory next to the target -> ``onnx.checker`` -> validate against PyTorch in ONNX Runtime
-(``validate.py``) -> move into place. Any failure removes the temporary files, so the target is either the
-complete new file or untouched. Graphs over 2 GB are saved with external data (``<name>.data`` beside the file).
+(``validate.py``) -> move into place. Options and the output path are checked before any work. Any failure or
+interrupt removes the temporary files, so the target is either the complete new file or untouched. Graphs over
+2 GB are saved with external data (``<name>.data`` beside the file).
+
+The default LSH form is ``portable``: it runs wherever ONNX Runtime does, so a first export always runs on the
+machine that made it; the ``plugin`` form is for TensorRT (``reformer-rt build``) and runs nowhere else.
 
 Known limits: see ``lowering.py`` (length range, unchunked feed-forward) and ``validate.py`` (float16 on CPU).
 """
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from reformer_rt.models import CheckpointError, ReformerLM, ReformerModel
+from reformer_rt.models.errors import os_error_hint, raise_if_stopped
 from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME, OP_VERSION
 from reformer_rt.models.lsh_op import ONNX_LOWERINGS
 
@@ -33,7 +38,10 @@ from . import validate as validation
 from .errors import ExportError, ValidationError
 
 DEFAULT_OPSET = 18
-MIN_OPSET = 17  # LayerNormalization
+#: Opsets the exporter writes as asked: torch's ONNX exporter builds opset 18 and onnxscript's version converter
+#: moves it to 18..25; outside that range torch silently keeps 18.
+MIN_OPSET, MAX_OPSET = 18, 25
+DEFAULT_ATTENTION = "portable"
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
 Reformer = ReformerLM | ReformerModel
 
@@ -64,20 +72,24 @@ class ExportReport:
                        f"{result.max_diff:.3g} (tolerance {result.tolerance:g})")
 
 
-def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str = "plugin",
+def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str = DEFAULT_ATTENTION,
                 dtype: str = "float32", max_length: int | None = None, opset: int = DEFAULT_OPSET,
                 validate: bool = True, log: Callable[[str], None] | None = print) -> ExportReport:
     """Export ``source`` to ``path`` (see the module docstring); returns what was written and measured."""
     _check_options(attention, dtype, opset)
+    target = _check_target(Path(path))
     start = time.perf_counter()
     model = load_source(source, max_length)
     low, high = lowering.length_range(model, max_length)
-    target = Path(path).absolute()
     tmp = _temp_dir(target)
     try:
         proto = lowering.trace(model, attention, dtype, high, opset)
+        raise_if_stopped()  # the exporter retries a capture that an interrupt broke; do not finish its work
         lsh_nodes = _finish_graph(proto, model, attention, dtype, opset, high)
-        model_file, external = _save(proto, tmp, target.name)
+        external = proto.ByteSize() > EXTERNAL_DATA_BYTES
+        if not external:  # one file: the bytes saved are the bytes fingerprinted
+            metadata.seal(proto)
+        model_file = _save(proto, tmp, target.name, external)
         onnx.checker.check_model(str(model_file))
         result = _validate(proto, model, attention, dtype, (low, high), log) if validate else None
         _move_into_place(model_file, target, external)
@@ -100,6 +112,10 @@ def load_source(source: str | Path | nn.Module, max_length: int | None = None) -
         if any(p.dtype != torch.float32 for p in source.parameters()):
             raise ExportError("source: got a model with non-float32 parameters; expected the float32 model "
                               "(float16 is an export option: dtype='float16')")
+        bad = [name for name, p in source.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ExportError(f"source: parameter(s) {bad[:3]} hold NaN or infinite weights; expected finite "
+                              "weights -- the model diverged or was loaded from a corrupt checkpoint")
         return source.eval()
     if isinstance(source, nn.Module):
         raise ExportError(f"source: got {type(source).__name__}; expected a reformer_rt ReformerLM / "
@@ -114,8 +130,11 @@ def load_source(source: str | Path | nn.Module, max_length: int | None = None) -
         return (ReformerLM if lm else ReformerModel).from_pretrained(directory, max_length)
     try:
         return ReformerLM.from_pretrained(directory, max_length)
-    except CheckpointError:
-        return ReformerModel.from_pretrained(directory, max_length)
+    except CheckpointError as lm_error:
+        try:
+            return ReformerModel.from_pretrained(directory, max_length)
+        except CheckpointError:
+            raise lm_error from None  # neither loads: the first reason is the one to fix
 
 
 def _architectures(directory: Path) -> list[str]:
@@ -132,19 +151,33 @@ def _check_options(attention: str, dtype: str, opset: int) -> None:
         raise ExportError(f"attention: got {attention!r}; expected one of {ONNX_LOWERINGS}")
     if dtype not in lowering.DTYPES:
         raise ExportError(f"dtype: got {dtype!r}; expected one of {tuple(lowering.DTYPES)}")
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
-        raise ExportError(f"opset: got {opset!r}; expected an int >= {MIN_OPSET} (LayerNormalization)")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset: got {opset!r}; expected an int in [{MIN_OPSET}, {MAX_OPSET}], the opsets this "
+                          f"exporter writes (default {DEFAULT_OPSET})")
+
+
+def _check_target(path: Path) -> Path:
+    """``path`` made absolute, once it is an ``.onnx`` file name in an existing directory (checked before any
+    work: a long export must not fail at its last step)."""
+    target = path.absolute()
+    if target.suffix != ".onnx":
+        raise ExportError(f"output: got {path}; expected a file name ending in .onnx (reformer-rt run and build "
+                          "recognise exports by that suffix)")
+    if target.is_dir():
+        raise ExportError(f"output: {target} is a directory; expected a file path such as model.onnx")
+    if not target.parent.is_dir():
+        why = "is not a directory" if target.parent.exists() else "does not exist"
+        raise ExportError(f"output: cannot write to {target.parent} ({why}); choose a writable directory that "
+                          "exists")
+    return target
 
 
 def _temp_dir(target: Path) -> Path:
     """A temporary directory beside ``target``, so the final rename stays on one file system."""
-    if target.is_dir():
-        raise ExportError(f"output: {target} is a directory; expected a file path such as model.onnx")
     try:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as exc:
-        raise ExportError(f"output: cannot write to {target.parent} ({exc.strerror}); choose a writable "
-                          "directory that exists") from exc
+        raise ExportError(f"output: cannot write to {target.parent} ({os_error_hint(exc)})") from exc
 
 
 def _finish_graph(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: str, opset: int,
@@ -161,6 +194,10 @@ def _finish_graph(proto: onnx.ModelProto, model: Reformer, attention: str, dtype
         raise RuntimeError(f"exporter bug: {len(nodes)} {OP_NAME} nodes in the {attention} graph; expected {expected}")
     if attention == "plugin" and not any(o.domain == ONNX_DOMAIN for o in proto.opset_import):
         proto.opset_import.add(domain=ONNX_DOMAIN, version=OP_VERSION)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(f"opset: asked for {opset}, but the installed torch exporter wrote opset {written}; "
+                          f"export with --opset {written}")
     options = metadata.ExportOptions(attention, dtype, opset, max_length, lowering.output_name(model))
     metadata.attach(proto, metadata.build(model.config, options))
     return len(nodes)
@@ -176,9 +213,8 @@ def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
                 _strip_trace_metadata(attr.g)
 
 
-def _save(proto: onnx.ModelProto, tmp: Path, name: str) -> tuple[Path, bool]:
+def _save(proto: onnx.ModelProto, tmp: Path, name: str, external: bool) -> Path:
     model_file = tmp / name
-    external = proto.ByteSize() > EXTERNAL_DATA_BYTES
     try:
         if external:
             onnx.save_model(proto, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -186,8 +222,8 @@ def _save(proto: onnx.ModelProto, tmp: Path, name: str) -> tuple[Path, bool]:
         else:
             onnx.save_model(proto, str(model_file))
     except OSError as exc:
-        raise ExportError(f"output: cannot write {model_file.parent} ({exc.strerror})") from exc
-    return model_file, external
+        raise ExportError(f"output: cannot write {model_file.name} in {tmp.parent} ({os_error_hint(exc)})") from exc
+    return model_file
 
 
 def _validate(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: str, lengths: tuple[int, int],
@@ -208,12 +244,13 @@ def _validate(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: st
 
 
 def _move_into_place(model_file: Path, target: Path, external: bool) -> None:
+    raise_if_stopped()
     try:
         if external:
             os.replace(model_file.parent / f"{target.name}.data", target.parent / f"{target.name}.data")
         os.replace(model_file, target)
     except OSError as exc:
-        raise ExportError(f"output: cannot write {target} ({exc.strerror})") from exc
+        raise ExportError(f"output: cannot write {target} ({os_error_hint(exc)})") from exc
 
 
 def _size(target: Path, external: bool) -> int:

@@ -6,8 +6,8 @@ the PyTorch model is the fp32 reference; fp16 lives in exported graphs.
 
 Key names: HF's ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` prefix the body with ``reformer.`` and keep
 ``lm_head.decoder.{weight,bias}`` (plus a duplicate ``lm_head.bias``); a bare ``ReformerModel`` has no prefix.
-Heads other than the LM head are ignored; any missing, unexpected or mis-shaped tensor of the part being loaded is
-an error naming that tensor.
+Heads other than the LM head are ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being
+loaded, and any NaN or infinite weight, is an error naming that tensor.
 
 Write: ``save_pretrained`` writes the resolved config (hash seed and bucket counts decided) and safetensors with
 HF key names, so the directory loads here and in transformers alike. Files are written to a temporary directory
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ReformerConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, os_error_hint, raise_if_stopped
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,41 +48,72 @@ def load(path: str | Path, max_length: int | None = None) -> tuple[ReformerConfi
                               f"and {SAFETENSORS_FILE} or {TORCH_FILE}")
     config = ReformerConfig.from_json_file(path / CONFIG_FILE).resolved(max_length)
     state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(path).items()}
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            nan = int(torch.isnan(value).sum())
+            raise CheckpointError(f"checkpoint {path}: tensor {key} holds {nan:,} NaN and "
+                                  f"{int(torch.isinf(value).sum()):,} infinite weight(s); expected finite weights "
+                                  "-- the checkpoint is corrupt or came from a diverged training run")
     return config, state
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files: list[Path]
     if (path / SAFETENSORS_FILE).exists():
-        files = [path / SAFETENSORS_FILE]
+        state = _read_safetensors([path / SAFETENSORS_FILE])
     elif (path / SAFETENSORS_INDEX).exists():
-        try:
-            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint: {path / SAFETENSORS_INDEX} is not a valid index ({exc})") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        state = _read_safetensors(_shards(path, path / SAFETENSORS_INDEX))
     elif (path / TORCH_FILE).exists():
-        try:
-            state = torch.load(path / TORCH_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a corrupt or unsafe pickle
-            raise CheckpointError(f"checkpoint: cannot read {path / TORCH_FILE} as a weights-only state dict "
-                                  f"({type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"checkpoint: {path / TORCH_FILE} holds {type(state).__name__}; expected a "
-                                  "state dict")
-        return state
+        state = _read_torch_file(path / TORCH_FILE)
     else:
         raise CheckpointError(f"checkpoint: no weights in {path}; expected {SAFETENSORS_FILE}, "
                               f"{SAFETENSORS_INDEX} or {TORCH_FILE}")
+    odd = [key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"checkpoint {path}: entries {odd[:5]} are not named tensors; expected a state dict "
+                              "of tensors")
+    return state
+
+
+def _shards(path: Path, index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names (HF: ``{"weight_map": {tensor: file}}``)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {index} as JSON ({exc}); re-download the checkpoint") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else data
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"checkpoint: {index} has weight_map {str(weight_map)[:80]}; expected an object "
+                              "mapping tensor names to shard file names in the same directory -- re-download it")
+    return [path / name for name in sorted(set(names))]
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             state.update(load_file(file))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint: cannot read {file} ({exc}); the file is missing or corrupt") from exc
+            raise CheckpointError(f"checkpoint: cannot read {file} ({exc}); the file is missing or corrupt -- "
+                                  "re-download or re-save the checkpoint") from exc
+    return state
+
+
+def _read_torch_file(file: Path) -> dict:
+    """A ``pytorch_model.bin`` read with ``weights_only=True``; never unpickles code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or unsafe pickle
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?: was not an allowed global.*)?$", str(exc), re.M)
+        detail = found.group(1).strip() if found else str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint: cannot read {file} as a state dict of tensors ({detail}); it is "
+                              "corrupt or pickles other Python objects, which reformer-rt never loads -- re-save it "
+                              "as safetensors (transformers: save_pretrained(..., safe_serialization=True))") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint: {file} holds {type(state).__name__}; expected a state dict")
     return state
 
 
@@ -122,6 +154,9 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"checkpoint {source}: tensor {key} has shape {tuple(value.shape)}; expected "
                                   f"{tuple(expected[key].shape)} from config.json")
+        if value.is_floating_point() != expected[key].is_floating_point():
+            raise CheckpointError(f"checkpoint {source}: tensor {key} has dtype {value.dtype}; expected a floating "
+                                  f"point tensor ({expected[key].dtype}) -- the checkpoint is corrupt or not a Reformer")
     model.load_state_dict(state, strict=True)
 
 
@@ -150,18 +185,19 @@ def save(model: nn.Module, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as exc:
-        raise CheckpointError(f"save_pretrained: cannot write to {path.parent} ({exc.strerror})") from exc
+        raise CheckpointError(f"save_pretrained: cannot write to {path.parent} ({os_error_hint(exc)})") from exc
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         _make_readable(tmp, (CONFIG_FILE, SAFETENSORS_FILE))
+        raise_if_stopped()
         if path.is_dir():
             for name in (CONFIG_FILE, SAFETENSORS_FILE):
                 os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
     except OSError as exc:
-        raise CheckpointError(f"save_pretrained: cannot write {path} ({exc.strerror})") from exc
+        raise CheckpointError(f"save_pretrained: cannot write {path} ({os_error_hint(exc)})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -29,6 +29,10 @@ DEFAULT_HASH_SEED = 0
 
 ATTENTION_TYPES = ("lsh", "local")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
+#: Fields whose JSON type is not checked by their value checks below: a string where a list belongs would
+#: otherwise become a tuple of characters, and "false" would be a true bool.
+_LIST_FIELDS = ("attn_layers", "axial_pos_shape", "axial_pos_embds_dim")
+_BOOL_FIELDS = ("is_decoder", "axial_pos_embds")
 
 BucketSpec = int | tuple[int, ...] | None
 
@@ -77,6 +81,14 @@ class ReformerConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self) -> None:
+        for name in _LIST_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name}: got {value!r} ({type(value).__name__}); expected a list")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: got {value!r} ({type(value).__name__}); expected true or false")
         object.__setattr__(self, "attn_layers", tuple(self.attn_layers))
         object.__setattr__(self, "axial_pos_shape", tuple(self.axial_pos_shape))
         object.__setattr__(self, "axial_pos_embds_dim", tuple(self.axial_pos_embds_dim))
@@ -98,8 +110,9 @@ class ReformerConfig:
             raise ConfigError(f"attn_layers: got unknown attention type(s) {bad}; expected each of {ATTENTION_TYPES}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act: got {self.hidden_act!r}; expected one of {ACTIVATIONS}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
-            raise ConfigError(f"layer_norm_eps: got {self.layer_norm_eps!r}; expected a positive number")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+            raise ConfigError(f"layer_norm_eps: got {eps!r}; expected a positive finite number")
         if self.hash_seed is not None:
             _check_int("hash_seed", self.hash_seed, low=0)
         for name in ("pad_token_id", "eos_token_id"):
@@ -161,6 +174,13 @@ class ReformerConfig:
             return length + m - length % m
         return length
 
+    @property
+    def max_input_length(self) -> int:
+        """The longest input that runs: its padded length must stay within ``max_position_embeddings``, so when that
+        is not a chunk multiple the answer is the multiple below it (or the shortest chunk, which is never padded)."""
+        limit, m = self.max_position_embeddings, self.chunk_multiple
+        return max(limit - limit % m, min(self.min_chunk_length, limit))
+
     def resolved(self, max_length: int | None = None) -> ReformerConfig:
         """This config with ``hash_seed`` and ``num_buckets`` decided (see the module docstring)."""
         seed = DEFAULT_HASH_SEED if self.hash_seed is None else self.hash_seed
@@ -198,6 +218,9 @@ class ReformerConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config: {path} does not exist; expected a config.json next to the weights") from exc
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise ConfigError(f"config: cannot read {path} ({exc.strerror or exc}); expected a readable JSON file "
+                              "next to the weights") from exc
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"config: {path} is not valid JSON ({exc}); re-save the checkpoint") from exc
         return cls.from_dict(data)

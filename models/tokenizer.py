@@ -40,7 +40,10 @@ class ByteTokenizer:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokenizer: cannot read {path} ({exc})") from exc
-        if data.get("type") != "bytes" or not isinstance(data.get("offset"), int):
-            raise ConfigError(f"tokenizer: {path} has {data!r}; expected {{'type': 'bytes', 'offset': <int>}}")
-        return cls(offset=data["offset"])
+            raise ConfigError(f"tokenizer: cannot read {path} ({exc}); expected a JSON file") from exc
+        offset = data.get("offset") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("type") != "bytes" or isinstance(offset, bool) \
+                or not isinstance(offset, int) or offset < 0:
+            raise ConfigError(f"tokenizer: {path} has {str(data)[:80]}; expected "
+                              "{'type': 'bytes', 'offset': <int >= 0>}")
+        return cls(offset=offset)

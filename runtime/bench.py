@@ -6,14 +6,18 @@ weights, when transformers is installed -- runs in the same invocation, the same
 of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is the crime-and-punishment
 architecture (6 layers, d=256, 2 heads x 128, local/LSH alternating, axial 512 x 1024) with random weights.
 
-Writes ``bench.json`` and ``bench.png`` (matplotlib) into ``--out`` and prints a markdown table with the machine.
-ONNX Runtime points use a portable export made once before timing (export time is not counted).
+Writes ``bench.json`` and ``bench.png`` (matplotlib) into ``--out`` (together, atomically) and prints a markdown
+table with the machine. ONNX Runtime points use a portable export made once before timing (export time is not
+counted). Arguments, the model and ``--out`` are checked before any work. A point that fails is recorded with its
+error and the command exits non-zero: 2 when every failure is a user error (a length over the model's maximum, a
+backend that is not installed), else 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import platform
 import statistics
@@ -24,7 +28,10 @@ import time
 from pathlib import Path
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
+from reformer_rt.models.checkpoint import CONFIG_FILE
+from reformer_rt.models.errors import os_error_hint
 
+from .artifacts import write_files_atomic
 from .hardware import machine_name
 
 CRIME_AND_PUNISHMENT = ReformerConfig(
@@ -35,6 +42,8 @@ CRIME_AND_PUNISHMENT = ReformerConfig(
     num_buckets=(64, 128), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
     local_num_chunks_before=1, local_num_chunks_after=0)
 WORKER_TIMEOUT_S = 1800
+#: How a worker's failure starts when it is a user error (the CLI's one-line format); stripped in the report.
+USER_ERROR_PREFIX = "reformer-rt bench: error: "
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -126,14 +135,15 @@ def _peak_rss_bytes() -> int:
 
 
 def _measure(spec: dict) -> dict:
+    """One point in a fresh worker process: its measurement, or its error and the worker's exit code."""
     command = [sys.executable, "-m", "reformer_rt.runtime.bench", "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {**_point(spec), "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+        return {**_point(spec), "error": f"timed out after {WORKER_TIMEOUT_S} s", "exit_code": None}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**_point(spec), "error": tail}
+        return {**_point(spec), "error": tail.removeprefix(USER_ERROR_PREFIX), "exit_code": done.returncode}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -169,14 +179,15 @@ def scaling(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
+def plot(rows: list[dict], title: str) -> bytes | None:
+    """The PNG of time vs length per backend at batch 1, or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for backend in sorted({r["backend"] for r in rows}):
         points = sorted((r["length"], r["seconds"]) for r in rows
@@ -188,21 +199,57 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    return True
+    return image.getvalue()
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[int], list[str]]:
+    """(lengths, batches, backends), every argument checked before any work; creates ``--out``."""
+    lengths, batches = parse_ints(args.lengths, "--lengths"), parse_ints(args.batches, "--batches")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
+    if unknown or not backends:
+        raise InputError(f"--backends: got {args.backends!r}; expected torch, onnxruntime and/or tensorrt")
+    if args.repeat < 1 or args.threads < 0:
+        raise InputError(f"--repeat / --threads: got {args.repeat} / {args.threads}; expected --repeat >= 1 and "
+                         "--threads >= 0 (0 = all cores)")
+    if args.model is not None and not args.model.is_dir():
+        raise InputError(f"MODEL: got {args.model}; expected a checkpoint directory (config.json + weights)")
+    config = CRIME_AND_PUNISHMENT if args.model is None else ReformerConfig.from_json_file(args.model / CONFIG_FILE)
+    too_long = [n for n in lengths if n > config.max_input_length]
+    if too_long:
+        raise InputError(f"--lengths: got {too_long}; expected at most {config.max_input_length:,}, the model's "
+                         "maximum input length")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out: {args.out} is a file; expected a directory (created if missing)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out: cannot create the directory {args.out} ({os_error_hint(exc)})") from exc
+    return lengths, batches, backends
+
+
+def _check_failures(rows: list[dict], report: Path) -> int:
+    """0 when every point ran; else the reason, as an ``InputError`` when every failure is a user error."""
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return 0
+    first = failed[0]
+    message = (f"{len(failed)} of {len(rows)} points failed (first: {first['backend']}, batch {first['batch']}, "
+               f"length {first['length']}: {first['error']}); {report} records each")
+    if all(r.get("exit_code") == 2 for r in failed):
+        raise InputError(message)
+    print(f"reformer-rt bench: error: {message}", file=sys.stderr)
+    return 1
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
-    lengths, batches = parse_ints(args.lengths, "--lengths"), parse_ints(args.batches, "--batches")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
-    if unknown:
-        raise InputError(f"--backends: got {unknown}; expected torch, onnxruntime and/or tensorrt")
-    args.out.mkdir(parents=True, exist_ok=True)
+    lengths, batches, backends = _check_arguments(args)
     with tempfile.TemporaryDirectory(prefix="reformer-rt-bench-") as tmp:
         checkpoint = args.model or Path(tmp) / "model"
         if args.model is None:
@@ -229,13 +276,17 @@ def run(args: argparse.Namespace) -> int:
     report = {"machine": name, "date": datetime.date.today().isoformat(), "python": platform.python_version(),
               "versions": _versions(), "model": str(args.model or "random crime-and-punishment architecture"),
               "rows": rows, "time_ratio_longest_to_shortest": scaling(rows)}
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plotted = plot(rows, args.out / "bench.png", f"reformer-rt bench on {name}")
+    files: dict[Path, bytes] = {args.out / "bench.json": (json.dumps(report, indent=2) + "\n").encode()}
+    ran = any("seconds" in r for r in rows)
+    image = plot(rows, f"reformer-rt bench on {name}") if ran else None
+    if image is not None:
+        files[args.out / "bench.png"] = image
+    write_files_atomic(files, label="--out")
     print(f"machine: {name}, {report['date']}\n\n{table(rows)}\n")
     print(f"time ratio longest/shortest length: {json.dumps(scaling(rows))}")
-    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if plotted else
-                                                 " (pip install matplotlib for the plot)"))
-    return 0
+    print(f"wrote {' and '.join(str(f) for f in files)}" + (" (pip install matplotlib for the plot)"
+                                                              if ran and image is None else ""))
+    return _check_failures(rows, args.out / "bench.json")
 
 
 def _has_transformers() -> bool:

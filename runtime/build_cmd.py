@@ -21,6 +21,7 @@ from pathlib import Path
 from reformer_rt.export.metadata import export_metadata
 from reformer_rt.models import InputError
 
+from .artifacts import ENGINE_SUFFIXES
 from .engine_builder import BuildOptions, engine_for
 from .engine_cache import EngineCache, sidecar_path, write_engine_file
 from .engine_profiles import make_profile, parse_batch_length
@@ -43,7 +44,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The files the build writes, checked before TensorRT spends minutes building."""
+    if args.output.suffix not in ENGINE_SUFFIXES:
+        raise InputError(f"-o: got {args.output}; expected a file name ending in {' or '.join(ENGINE_SUFFIXES)} "
+                         "(reformer-rt run recognises engines by that suffix)")
+    if args.output.is_dir():
+        raise InputError(f"-o: {args.output} is a directory; expected a file path such as model.engine")
+    if not args.output.absolute().parent.is_dir():
+        raise InputError(f"-o: {args.output.absolute().parent} is not an existing directory; create it or choose "
+                         "another")
+    if args.timing_cache is not None and args.timing_cache.is_dir():
+        raise InputError(f"--timing-cache: {args.timing_cache} is a directory; expected a file (created if missing)")
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise InputError(f"--cache-dir: {args.cache_dir} is a file; expected a directory (created if missing)")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_paths(args)
     metadata = export_metadata(args.model, attention="plugin")
     max_length = int(metadata["export_options"]["max_length"])
     given = ((args.min_shape, "--min"), (args.opt_shape, "--opt"), (args.max_shape, "--max"))
@@ -51,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     profile = make_profile(low, opt, high, max_length)
     if args.workspace_mib is not None and args.workspace_mib < 1:
         raise InputError(f"--workspace-mib: got {args.workspace_mib}; expected a positive number of MiB")
-    if args.output.is_dir():
-        raise InputError(f"-o: {args.output} is a directory; expected a file path such as model.engine")
     cache = None if args.no_cache else EngineCache(args.cache_dir)
     options = BuildOptions(profile, args.workspace_mib, args.timing_cache, tf32=not args.no_tf32)
     print(f"reformer-rt build: {args.model} (max length {max_length}), profile {profile}", file=sys.stderr)

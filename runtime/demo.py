@@ -60,12 +60,21 @@ def long_batch(tokenizer: ByteTokenizer, lengths: list[int]) -> list[list[int]]:
     return out
 
 
+def prompt_ids(tokenizer: ByteTokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids, or an error for an empty prompt or one that is not UTF-8 text."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except UnicodeEncodeError as exc:  # undecodable command-line bytes arrive as lone surrogates
+        raise InputError(f"--prompt: got bytes that are not UTF-8 text ({exc.reason}); expected UTF-8 text") from exc
+    if not ids:
+        raise InputError("--prompt: got an empty prompt; expected at least one character")
+    return ids
+
+
 def sample(session: Session, tokenizer: ByteTokenizer, prompt: str, n: int, seed: int,
            temperature: float = 0.7, top_k: int = 20) -> str:
     """Top-k sampling through the Session, recomputing a short context each step (no cache)."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise InputError("--prompt: got an empty prompt; expected at least one character")
+    ids = prompt_ids(tokenizer, prompt)
     rng = np.random.default_rng(seed)
     window = 4 * session.config.lsh_attn_chunk_length
     for _ in range(n):
@@ -83,7 +92,7 @@ def _lengths(text: str, limit: int) -> list[int]:
         raise InputError(f"--lengths: got {text!r}; expected comma-separated integers") from exc
     if not lengths or min(lengths) < 2 or max(lengths) > limit:
         raise InputError(f"--lengths: got {text!r}; expected lengths in [2, {limit}] (the demo model's "
-                         "max_position_embeddings)")
+                         "maximum input length)")
     return lengths
 
 
@@ -92,13 +101,22 @@ def _stage(quiet: bool, text: str) -> None:
         print(f"... {text}", file=sys.stderr, flush=True)
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, value in (("--generate", args.generate), ("--threads", args.threads), ("--seed", args.seed)):
+        if value < 0:
+            raise InputError(f"{flag}: got {value}; expected an integer >= 0")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_counts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = demo_model_dir()
     model = ReformerLM.from_pretrained(directory)
     tokenizer = ByteTokenizer.load(directory)
-    lengths = _lengths(args.lengths, model.config.max_position_embeddings)
+    lengths = _lengths(args.lengths, model.config.max_input_length)
+    if args.generate:
+        prompt_ids(tokenizer, args.prompt)  # refuse a bad prompt now, not after the long run
     print(f"model: bundled demo LM, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{model.config.num_layers} layers {'/'.join(model.config.attn_layers)}, "
           f"{model.config.num_hashes} hash rounds")

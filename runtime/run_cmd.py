@@ -4,7 +4,8 @@ Inputs: ``--ids FILE`` (JSON list of id lists, or a 2-D .npy int array) or ``--t
 is one sequence, ``-`` reads stdin). Outputs: ``-o OUT.npy`` (the padded output array; ``OUT.lengths.npy`` beside
 it), ``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON
 summary on stdout (backend, shapes, padding waste, and for language models the bits per token of the input).
-Files are written atomically: a failed run leaves no partial output.
+The output files are written atomically as a set: a failed or interrupted run leaves neither file new (an old pair
+stays as it was), and the output path is checked before the model runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS, write_atomic
+from .artifacts import DEFAULT_MAX_TOKENS, Payload, write_files_atomic
 from .session import BACKENDS, Session
 from .tokenizers import load_tokenizer
 
@@ -43,35 +44,64 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _read_ids(path: Path) -> list[list[int]] | np.ndarray:
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"it holds {type(array).__name__}")
+            return array
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--ids: cannot read {path} ({exc}); expected a JSON list of id lists or a .npy array")
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"--ids: cannot read {path} ({exc}); expected a JSON list of id lists or a 2-D .npy "
+                         "integer array") from exc
     if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
         raise InputError(f"--ids: {path} holds {type(data).__name__}; expected a JSON list of id lists")
     return data
 
 
+def _read_text(name: str) -> str:
+    """One ``--text`` argument's contents (``-`` = stdin), which must be UTF-8."""
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise InputError(f"--text: cannot read {name} ({exc.strerror or exc}); expected a UTF-8 text file") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--text: {'stdin' if name == '-' else name} is not UTF-8 text (byte 0x{data[exc.start]:02x} "
+                         f"at offset {exc.start}); expected UTF-8 text -- pass binary data as --ids") from exc
+
+
 def _read_texts(names: list[str], session: Session, tokenizer_dir: Path | None) -> list[list[int]]:
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        raise InputError(f"--tokenizer: {tokenizer_dir} is not a directory; expected the directory holding the "
+                         "model's tokenizer.json or spiece.model")
     directory = tokenizer_dir or (session.path if session.path.is_dir() else None)
-    tokenizer = load_tokenizer(directory, session.config)
-    texts = []
-    for name in names:
-        try:
-            texts.append(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"--text: cannot read {name} ({exc})") from exc
-    return [tokenizer.encode(t) for t in texts]
+    tokenizer = load_tokenizer(directory, session.config, required=tokenizer_dir is not None)
+    return [tokenizer.encode(_read_text(name)) for name in names]
+
+
+def _output_files(output: Path, lengths: bool) -> list[Path]:
+    """The files ``-o`` writes (``OUT.npy`` and ``OUT.lengths.npy``, or ``OUT.json``), checked before any work."""
+    if output.suffix not in (".npy", ".json"):
+        raise InputError(f"--output: got {output}; expected a .npy or .json file name")
+    files = [output, output.with_suffix(".lengths.npy")] if output.suffix == ".npy" and lengths else [output]
+    for file in files:
+        if file.is_dir():
+            raise InputError(f"--output: {file} is a directory; expected a file path")
+    if not output.absolute().parent.is_dir():
+        raise InputError(f"--output: {output.absolute().parent} is not an existing directory; create it or choose "
+                         "another")
+    return files
 
 
 def _bits_per_token(log_probs: list[np.ndarray]) -> list[float]:
-    """Mean bits per predicted token of each sequence (NaN for a single token: nothing is predicted)."""
+    """Mean bits per predicted token of each sequence (NaN for a single token: nothing is predicted; null in the
+    summary)."""
     return [float(-row.mean() / math.log(2)) if row.size else float("nan") for row in log_probs]
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output is not None and args.output.suffix not in (".npy", ".json"):
-        raise InputError(f"--output: got {args.output}; expected a .npy or .json file name")
+    if args.output is not None:
+        _output_files(args.output, lengths=not args.embed)
     session = Session(args.model, backend=args.backend, device=args.device,
                       max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
     sequences = _read_ids(args.ids) if args.ids else _read_texts(args.text, session, args.tokenizer)
@@ -87,15 +117,16 @@ def run(args: argparse.Namespace) -> int:
     if lengths is not None:
         summary["lengths"] = lengths.tolist()
         if "log_probs" in result:
-            summary["bits_per_token"] = [round(b, 4) for b in _bits_per_token(result.rows["log_probs"])]
+            summary["bits_per_token"] = [round(b, 4) if math.isfinite(b) else None  # strict JSON: no NaN
+                                         for b in _bits_per_token(result.rows["log_probs"])]
     if args.output is not None:
+        payloads: list[Payload]
         if args.output.suffix == ".npy":
-            write_atomic(args.output, lambda f: np.save(f, array), label="--output")
-            if lengths is not None:
-                write_atomic(args.output.with_suffix(".lengths.npy"), lambda f: np.save(f, lengths), label="--output")
+            payloads = [lambda f: np.save(f, array), lambda f: np.save(f, lengths)]
         else:
             payload = {"lengths": None if lengths is None else lengths.tolist(), summary["output"]: array.tolist()}
-            write_atomic(args.output, json.dumps(payload).encode(), label="--output")
+            payloads = [json.dumps(payload).encode()]
+        write_files_atomic(dict(zip(_output_files(args.output, lengths is not None), payloads)), label="--output")
         summary["written"] = str(args.output)
     print(json.dumps(summary))
     return 0

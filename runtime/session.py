@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ class Session:
         if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) \
                 or max_tokens_per_batch < 1:
             raise InputError(f"max_tokens_per_batch: got {max_tokens_per_batch!r}; expected an integer >= 1")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise InputError(f"threads: got {threads!r}; expected an integer >= 0 (0 = all cores)")
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputTypeError(f"path: got {type(path).__name__}; expected a checkpoint directory, an .onnx file "
+                                 "or an engine file name")
         self.path = Path(path)
         kind = artifact_kind(self.path)
         self.device = resolve_device(device)
@@ -183,17 +189,26 @@ class Session:
         """One vector per sequence [N, 2*hidden]: mean over its tokens, or its last token's hidden state."""
         return self.run(sequences, attention_mask, outputs=["embedding"], pooling=pooling)["embedding"]
 
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence ``run`` accepts: within what the backend takes (an export's ``max_length``), and
+        short enough that padding to the chunk multiple stays within ``max_position_embeddings``."""
+        return min(self.max_length, self.config.max_input_length)
+
     def check_sequences(self, sequences: Any, attention_mask: Any = None) -> list[np.ndarray]:
         """The sequences as int64 arrays, each checked against the model (non-empty, within the maximum length,
         ids in the vocabulary); an ``InputError`` names the first bad one."""
         seqs = _as_sequences(sequences, attention_mask)
-        vocab, limit = self.config.vocab_size, self.max_length
+        vocab, limit = self.config.vocab_size, self.max_sequence_length
         for i, seq in enumerate(seqs):
             if len(seq) == 0:
                 raise InputError(f"sequence {i}: empty; expected at least one token")
-            if len(seq) > limit or self.config.padded_length(len(seq)) > limit:
-                raise InputError(f"sequence {i}: {len(seq):,} tokens; expected at most {limit:,} "
-                                 "(the model's maximum length) -- split it; nothing is truncated silently")
+            if len(seq) > limit:
+                why = "the model's maximum length" if limit == self.max_length else (
+                    f"longer inputs pad to a multiple of {self.config.chunk_multiple}, past max_position_embeddings="
+                    f"{self.config.max_position_embeddings}")
+                raise InputError(f"sequence {i}: {len(seq):,} tokens; expected at most {limit:,} ({why}) -- split "
+                                 "it; nothing is truncated silently")
             low, high = int(seq.min()), int(seq.max())
             if low < 0 or high >= vocab:
                 raise InputError(f"sequence {i}: token id {low if low < 0 else high}; expected ids in "
@@ -208,14 +223,14 @@ def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:
         if sequences.ndim != 2:
             raise InputError(f"sequences: got an array of shape {sequences.shape}; expected [N, L] or a list "
                              "of token-id lists")
+        if sequences.shape[0] == 0:
+            raise InputError(f"sequences: got an array of shape {sequences.shape}; expected at least one sequence")
         rows = [_as_ids(row, i) for i, row in enumerate(sequences)]
         if attention_mask is None:
             return rows
-        mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
-        if mask.shape != sequences.shape:
-            raise InputError(f"attention_mask: got shape {mask.shape}; expected {sequences.shape}")
-        lengths = mask.astype(bool).sum(axis=1)
-        for i, (row, n) in enumerate(zip(mask.astype(bool), lengths)):
+        mask = _as_mask(attention_mask, sequences.shape)
+        lengths = mask.sum(axis=1)
+        for i, (row, n) in enumerate(zip(mask, lengths)):
             if not row[:n].all():
                 raise InputError(f"attention_mask row {i}: ones must come first (right padding); got a gap")
         return [row[:n] for row, n in zip(rows, lengths)]
@@ -229,12 +244,40 @@ def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:
     return [_as_ids(seq, i) for i, seq in enumerate(sequences)]
 
 
+def _as_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The mask as bool [N, L]: bool, or numbers that are all 0 (padding) or 1 (token)."""
+    try:
+        mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise InputError(f"attention_mask: cannot read it as an array ({exc}); expected a [N, L] array of 0/1") from exc
+    if mask.shape != shape:
+        raise InputError(f"attention_mask: got shape {mask.shape}; expected {shape}")
+    if mask.dtype != np.bool_ and not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise InputTypeError(f"attention_mask: got dtype {mask.dtype}; expected bool or numbers: 1 = token, 0 = padding")
+    if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+        bad = mask[~np.isin(mask, (0, 1))].flat[0]
+        raise InputError(f"attention_mask: got values other than 0 and 1 ({bad}); expected 1 = token, 0 = padding")
+    return mask.astype(bool)
+
+
 def _as_ids(seq: Any, index: int) -> np.ndarray:
-    array = np.asarray(seq)
+    if isinstance(seq, Sequence) and any(isinstance(x, (bool, np.bool_)) for x in seq):
+        raise InputTypeError(f"sequence {index}: got a boolean (true/false) among the ids; expected integer token ids")
+    try:
+        array = np.asarray(seq)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting such as [1, [2, 3]]
+        raise InputError(f"sequence {index}: cannot read it as a flat list of token ids ({exc})") from exc
     if array.ndim != 1:
         raise InputError(f"sequence {index}: got shape {array.shape}; expected a flat list of token ids")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)  # refused as empty by check_sequences, whatever its dtype
+    if not np.issubdtype(array.dtype, np.integer):
+        if isinstance(seq, Sequence) and all(isinstance(x, int) for x in seq):  # numpy fell back to float / object
+            raise InputError(f"sequence {index}: token id {max(seq, key=abs)} does not fit int64; expected ids in "
+                             "the model's vocabulary")
         raise InputTypeError(f"sequence {index}: got dtype {array.dtype}; expected integer token ids")
+    if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        raise InputError(f"sequence {index}: token id {int(array.max())}; expected ids that fit int64")
     return array.astype(np.int64)
 
 

@@ -4,6 +4,9 @@
   model directory has our ``tokenizer.json``, or the vocabulary is 258 and there is no SentencePiece model.
 * SentencePiece (crime-and-punishment checkpoints): ``spiece.model`` in the model directory; needs the
   ``sentencepiece`` package (imported only then).
+
+A tokenizer whose ids do not fit the model's vocabulary is refused when it is loaded, not at the first out-of-range
+id; a directory named explicitly (``--tokenizer``) must hold one of the two files.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ class SentencePieceTokenizer:
         except ImportError as exc:
             raise ConfigError(f"tokenizer: {path} needs the sentencepiece package; pip install sentencepiece") from exc
         self._sp = sentencepiece.SentencePieceProcessor()
-        if not self._sp.Load(str(path)):
-            raise ConfigError(f"tokenizer: cannot load {path}")
+        try:
+            loaded = self._sp.Load(str(path))
+        except (OSError, RuntimeError) as exc:  # sentencepiece raises RuntimeError for a corrupt model file
+            raise ConfigError(f"tokenizer: cannot load {path} ({str(exc).splitlines()[0]}); expected a "
+                              "SentencePiece model file -- re-download it") from exc
+        if not loaded:
+            raise ConfigError(f"tokenizer: cannot load {path}; expected a SentencePiece model file")
+        self.vocab_size = int(self._sp.GetPieceSize())
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.EncodeAsIds(text))
@@ -40,13 +49,23 @@ class SentencePieceTokenizer:
         return self._sp.DecodeIds(list(ids))
 
 
-def load_tokenizer(directory: Path | None, config: ReformerConfig) -> Tokenizer:
-    """The tokenizer stored with a model (``directory`` may be None for an ONNX file without one beside it)."""
+def load_tokenizer(directory: Path | None, config: ReformerConfig, required: bool = False) -> Tokenizer:
+    """The tokenizer stored with a model (``directory`` may be None for an ONNX file without one beside it).
+    ``required``: ``directory`` was named by the user, so it must hold a tokenizer (no byte-level fallback)."""
+    tokenizer: ByteTokenizer | SentencePieceTokenizer
     if directory is not None and (directory / TOKENIZER_FILE).exists():
-        return ByteTokenizer.load(directory)
-    if directory is not None and (directory / SPIECE_FILE).exists():
-        return SentencePieceTokenizer(directory / SPIECE_FILE)
-    if config.vocab_size == ByteTokenizer().vocab_size:
+        tokenizer = ByteTokenizer.load(directory)
+    elif directory is not None and (directory / SPIECE_FILE).exists():
+        tokenizer = SentencePieceTokenizer(directory / SPIECE_FILE)
+    elif required:
+        raise ConfigError(f"tokenizer: {directory} holds neither {TOKENIZER_FILE} nor {SPIECE_FILE}; expected the "
+                          "directory of the model's tokenizer")
+    elif config.vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
-    raise ConfigError(f"tokenizer: none found for a model with vocab_size={config.vocab_size}; expected "
-                      f"{TOKENIZER_FILE} or {SPIECE_FILE} in the model directory (pass --tokenizer DIR)")
+    else:
+        raise ConfigError(f"tokenizer: none found for a model with vocab_size={config.vocab_size}; expected "
+                          f"{TOKENIZER_FILE} or {SPIECE_FILE} in the model directory (pass --tokenizer DIR)")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"tokenizer: the one in {directory} gives ids up to {tokenizer.vocab_size - 1}; the model's "
+                          f"vocabulary has {config.vocab_size} ids -- is it this model's tokenizer?")
+    return tokenizer

@@ -101,8 +101,11 @@ def test_bin_checkpoint_is_loaded_weights_only(saved, tmp_path) -> None:
     evil.mkdir()
     (evil / "config.json").write_text((directory / "config.json").read_text())
     torch.save({"x": torch.zeros(1), "f": print}, evil / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="never loads") as info:
         ReformerLM.from_pretrained(evil)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only=False" not in message and "GLOBAL print" in message
+    assert "safetensors" in message  # how to fix it
 
 
 def test_save_into_unwritable_location_is_a_clear_error(saved, tmp_path) -> None:
@@ -111,3 +114,75 @@ def test_save_into_unwritable_location_is_a_clear_error(saved, tmp_path) -> None
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot write"):
         model.save_pretrained(blocker / "sub")
+
+
+def _resave(directory, change) -> None:
+    state = load_file(directory / "model.safetensors")
+    change(state)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_nan_weights_are_named_as_nan(saved) -> None:
+    _, directory = saved
+    key = "reformer.encoder.layers.0.attention.self_attention.value.weight"
+
+    def poison(state):
+        state[key][0, 0] = float("nan")
+    _resave(directory, poison)
+    with pytest.raises(CheckpointError, match="NaN") as info:
+        ReformerLM.from_pretrained(directory)
+    assert key in str(info.value)
+
+
+def test_integer_tensor_where_float_expected_is_refused(saved) -> None:
+    _, directory = saved
+    key = "reformer.encoder.layers.0.attention.self_attention.value.weight"
+
+    def to_int(state):
+        state[key] = state[key].round().to(torch.int64)
+    _resave(directory, to_int)
+    with pytest.raises(CheckpointError, match="int64") as info:
+        ReformerLM.from_pretrained(directory)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("index", ["{oops", "[1, 2]", '{"weight_map": ["a"]}', '{"weight_map": {"x": 5}}',
+                                   '{"weight_map": {}}', '{"weight_map": {"x": "../../etc/passwd"}}',
+                                   '{"weight_map": {"x": "model-00002-of-00002.safetensors"}}'])
+def test_malformed_sharded_index_is_one_clear_error(saved, index: str) -> None:
+    _, directory = saved
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00001.safetensors")
+    (directory / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json|model-00002"):
+        ReformerLM.from_pretrained(directory)
+
+
+def test_sharded_checkpoint_loads(saved) -> None:
+    model, directory = saved
+    state = load_file(directory / "model.safetensors")
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in halves.items():
+        save_file({k: state[k] for k in names}, str(directory / name), metadata={"format": "pt"})
+    (directory / "model.safetensors").unlink()
+    weight_map = {k: name for name, names in halves.items() for k in names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = ReformerLM.from_pretrained(directory)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("content", [lambda: torch.zeros(3), lambda: {"a": 1, "b": "x"}])
+def test_bin_that_is_not_a_state_dict_of_tensors(saved, tmp_path, content) -> None:
+    _, directory = saved
+    (directory / "model.safetensors").unlink()
+    torch.save(content(), directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="state dict"):
+        ReformerLM.from_pretrained(directory)
+
+
+def test_config_json_that_is_a_directory(saved) -> None:
+    _, directory = saved
+    (directory / "config.json").unlink()
+    (directory / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="cannot read"):
+        ReformerLM.from_pretrained(directory)

@@ -34,6 +34,14 @@ def model() -> ReformerLM:
     ("lsh_attn_chunk_length", 0, ">= 1"),
     ("pad_token_id", 40, "[0, 39]"),
     ("hidden_size", "16", "expected an int"),
+    ("is_decoder", "false", "true or false"),
+    ("axial_pos_embds", 1, "true or false"),
+    ("attn_layers", "lsh", "expected a list"),
+    ("attn_layers", None, "expected a list"),
+    ("axial_pos_shape", "8,16", "expected a list"),
+    ("layer_norm_eps", "1e-12", "positive finite"),
+    ("layer_norm_eps", float("inf"), "positive finite"),
+    ("layer_norm_eps", True, "positive finite"),
 ])
 def test_inconsistent_config_names_the_field(field: str, value, words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -122,3 +130,17 @@ def test_chunked_feed_forward_and_lm_head_do_not_change_results() -> None:
     chunked.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 40, (2, 64))
     assert torch.allclose(plain(ids), chunked(ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("max_positions,chunks,expected", [
+    (128, (16, 8), 128),  # a chunk multiple: every length up to it runs
+    (100, (8, 8), 96),  # 97..100 would pad to 104
+    (12, (8, 12), 8),  # lcm 24 > 12: only lengths up to the shortest chunk, which are never padded
+])
+def test_max_input_length_is_the_longest_length_that_runs(max_positions: int, chunks, expected: int) -> None:
+    config = ReformerConfig(**{**SMALL, "axial_pos_embds": False, "max_position_embeddings": max_positions,
+                               "lsh_attn_chunk_length": chunks[0], "local_attn_chunk_length": chunks[1]})
+    longest = config.max_input_length
+    assert longest == expected
+    assert config.padded_length(longest) <= max_positions
+    assert all(config.padded_length(n) > max_positions for n in range(longest + 1, max_positions + 1))
