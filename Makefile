@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 GPU_PYTHON ?= python3
 OUT ?= gpu-check-out
 
-.PHONY: demo test gpu-check clean-venv
+.PHONY: demo test fuzz gpu-check triton-check clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,17 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
+# The input-contract fuzzing of the tests, longer than CI's 40 examples per test.
+fuzz: $(VENV)/.test
+	REFORMER_RT_FUZZ_EXAMPLES=$${REFORMER_RT_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py -p no:logging
+
 # STEPS=session,bench reruns a subset; exit 2 (at once) where there is no CUDA GPU.
 gpu-check:
 	$(GPU_PYTHON) runtime/gpu_check.py --out "$(OUT)" $(if $(STEPS),--steps "$(STEPS)")
+
+# A Triton Inference Server model repository under a real tritonserver (2.51, CPU), against reformer-rt serve.
+triton-check: $(VENV)/.test
+	$(BIN)/python -m reformer_rt.runtime.triton_check
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from reformer_rt.models import InputError
 from reformer_rt.models.lsh_op import ONNX_LOWERINGS
 
 from .lowering import DTYPES
@@ -23,13 +24,13 @@ from .onnx_export import DEFAULT_ATTENTION, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET,
 _RUNTIME_PACKAGE = {"portable": "onnxruntime", "plugin": "tensorrt"}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export", help="export a checkpoint to ONNX (LSH attention as portable ops or a TensorRT plugin node)",
         description="Export a Reformer checkpoint directory (HF transformers or reformer-rt format) to ONNX with "
                     "dynamic batch and length, then validate it against PyTorch in ONNX Runtime.")
     parser.add_argument("source", metavar="SOURCE", help="checkpoint directory (config.json + weights)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    parser.add_argument("-o", "--output", metavar="OUT.onnx", help="ONNX file to write (required)")
     parser.add_argument("--attention", choices=ONNX_LOWERINGS, default=DEFAULT_ATTENTION,
                         help=f"LSH layers as standard ONNX ops for ONNX Runtime (portable) or one TensorRT-plugin "
                              f"node each (plugin); default {DEFAULT_ATTENTION}")
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="skip the ONNX Runtime comparison against PyTorch")
     parser.set_defaults(func=run)
+    return parser
 
 
 def runs_on_note(attention: str) -> str:
@@ -52,6 +54,8 @@ def runs_on_note(attention: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output is None:
+        raise InputError("-o/--output: missing; expected the ONNX file to write, such as -o model.onnx")
     report = export_onnx(args.source, args.output, attention=args.attention, dtype=args.dtype,
                          max_length=args.max_length, opset=args.opset, validate=args.validate)
     print(runs_on_note(report.attention))

@@ -4,6 +4,16 @@
 lives in its own module and imports its library only when used.
 """
 
-from .session import Session
+from typing import Any
 
 __all__ = ["Session"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Session`` on first use: importing the package (as the ``reformer-rt`` entry point does) must not import
+    torch before the command line has set up its signal handling."""
+    if name == "Session":
+        from .session import Session
+
+        return Session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,13 +64,13 @@ def artifact_kind(path: Path) -> str:
 
 def max_length_of(path: Path) -> int:
     """The longest input the model at ``path`` accepts, read from its files without loading it (a checkpoint's
-    ``max_position_embeddings``, an export's or an engine's recorded ``max_length``)."""
+    ``max_input_length``, an export's or an engine's recorded ``max_length``)."""
     path = Path(path)
     kind = artifact_kind(path)
     if kind == "checkpoint":
         from reformer_rt.models import ReformerConfig
 
-        return ReformerConfig.from_json_file(path / CONFIG_FILE).max_position_embeddings
+        return ReformerConfig.from_json_file(path / CONFIG_FILE).max_input_length
     if kind == "onnx":
         from reformer_rt.export.metadata import export_metadata
 
@@ -95,15 +95,20 @@ def files_sha256(paths: Collection[Path]) -> str:
     return digest.hexdigest()
 
 
-def onnx_sha256(path: Path) -> str:
-    """sha256 of an ONNX file and every external-data file its tensors name (weights live there when > 2 GB)."""
+def external_data_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX file's tensors name (its weights live there when they pass 2 GB)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     tensors = [*model.graph.initializer,
                *(a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)]
-    locations = sorted({e.value for t in tensors for e in t.external_data if e.key == "location"})
-    return files_sha256([path, *(path.parent / location for location in locations)])
+    return [path.parent / location for location in sorted({e.value for t in tensors for e in t.external_data
+                                                            if e.key == "location"})]
+
+
+def onnx_sha256(path: Path) -> str:
+    """sha256 of an ONNX file and every external-data file it names."""
+    return files_sha256([path, *external_data_files(path)])
 
 
 # -------------------------------------------------------------------------------------------------------- writing

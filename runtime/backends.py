@@ -26,7 +26,7 @@ from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM, ReformerModel
 from reformer_rt.models.modeling import FeedForward, LMHead
 
-from .errors import BackendUnavailable
+from .errors import BackendFailed, BackendUnavailable
 from .outputs import LAST_LOGITS  # the LM head at each row's last valid position only: [B, 1, vocab]
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
@@ -156,5 +156,10 @@ class OnnxRuntimeBackend:
             if self._lean_session is None:
                 self._lean_session = self._open(arena=False)
             session = self._lean_session
-        out = session.run([self.output_name], feeds)[0]
+        try:
+            out = session.run([self.output_name], feeds)[0]
+        except Exception as exc:  # onnxruntime's own exception types: a damaged or foreign graph, or memory
+            raise BackendFailed(f"{self._path}: ONNX Runtime failed running it on a {input_ids.shape[0]} x "
+                                f"{input_ids.shape[1]} batch ({type(exc).__name__}: {exc}); if the file was edited "
+                                "or damaged, export it again") from exc
         return {self.output_name: out.astype(np.float32, copy=False)}

@@ -19,13 +19,11 @@ import os
 import signal
 import sys
 
-from reformer_rt.models import ReformerError
-from reformer_rt.models.errors import os_error_hint, stop_on_signals, stop_signal
 
 #: Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
 COMMANDS = (
     "reformer_rt.runtime.demo",
-    "reformer_rt.export.cli",
+    "reformer_rt.runtime.export_cmd",
     "reformer_rt.runtime.run_cmd",
     "reformer_rt.runtime.serve_cmd",
     "reformer_rt.runtime.bench",
@@ -84,6 +82,11 @@ def _interrupted(command: str, signum: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else ""
+    try:  # the first imports load torch (seconds): Ctrl-C there is an interrupt too, not a traceback
+        from reformer_rt.models import ReformerError
+        from reformer_rt.models.errors import os_error_hint, stop_on_signals, stop_signal
+    except KeyboardInterrupt:
+        return _interrupted(command, signal.SIGINT)
     with stop_on_signals():
         try:
             args = _parse(argv)  # imports every command's module: signals are handled from here on

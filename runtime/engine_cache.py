@@ -25,7 +25,7 @@ from typing import Any
 from reformer_rt.models import ReformerError
 from reformer_rt.models.lsh import OP_ID, OP_VERSION
 
-from .artifacts import cache_dir, write_atomic
+from .artifacts import cache_dir, write_files_atomic
 from .engine_profiles import Profile
 
 ENGINE_FORMAT = 1  # bump when the build recipe or the record layout changes: old cache entries stop matching
@@ -137,9 +137,9 @@ def sidecar_path(engine_path: Path) -> Path:
 
 
 def write_engine_file(path: Path, engine: bytes, record: dict[str, Any]) -> None:
-    """``path`` and ``path.json``, each written atomically; the record's sha256 ties the pair together."""
-    write_atomic(path, engine, label="-o")
-    write_atomic(sidecar_path(path), json.dumps(record, indent=1, sort_keys=True).encode(), label="-o")
+    """``path`` and ``path.json`` as one set (both new or neither); the record's sha256 ties the pair together."""
+    write_files_atomic({path: engine, sidecar_path(path): json.dumps(record, indent=1, sort_keys=True).encode()},
+                       label="-o")
 
 
 def read_engine_file(path: Path) -> tuple[bytes, dict[str, Any]]:

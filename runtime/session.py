@@ -137,11 +137,12 @@ class Session:
         return TensorRTBackend.open(self.path, kind, self.device)
 
     # ---------------------------------------------------------------------------------------------- inference
-    def run(self, sequences: Any, attention_mask: Any = None, outputs: Sequence[str] | None = None,
+    def run(self, sequences: Any, attention_mask: Any = None, outputs: str | Sequence[str] | None = None,
             top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> RunResult:
         """Outputs for N sequences (default: the model's own, ``logits`` or ``last_hidden_state``); each
         sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option."""
-        kinds = tuple(self.output_kinds([self.output_name] if outputs is None else list(outputs)))
+        names = [self.output_name] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
+        kinds = tuple(self.output_kinds(names))
         options = OutputOptions(top_k, pooling)
         seqs = self.check_sequences(sequences, attention_mask)
         results, plan = self.run_jobs([SequenceJob(seq, kinds, options) for seq in seqs])

@@ -31,6 +31,8 @@ import numpy as np
 
 from reformer_rt.models import ReformerError
 
+from ..errors import BackendFailed
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
@@ -98,6 +100,8 @@ def error_status(exc: BaseException) -> ErrorStatus:
     if isinstance(exc, ServingError):
         return ErrorStatus(exc.http_status, exc.grpc_code, str(exc), exc.retry_after_s, exc.http_status >= 500
                            and not isinstance(exc, Unavailable))
+    if isinstance(exc, BackendFailed):  # the model failed, not the request: logged, with its message
+        return ErrorStatus(500, "INTERNAL", str(exc), None, True)
     if isinstance(exc, ReformerError):
         return ErrorStatus(400, "INVALID_ARGUMENT", str(exc), None, False)
     return ErrorStatus(500, "INTERNAL", f"internal error ({type(exc).__name__}); the server log has the details",

@@ -194,12 +194,12 @@ class Scheduler:
         return sorted(items, key=lambda item: item.key)
 
     def _fill(self, candidates: list[_Item]) -> list[_Item]:
-        """The longest prefix of ``candidates`` within the token budget (at least one)."""
-        chosen = [candidates[0]]
+        """The longest prefix of ``candidates`` (one bucket) within the token budget (at least one)."""
+        chosen, longest = [candidates[0]], candidates[0].length
         for item in candidates[1:]:
-            lengths = [c.length for c in chosen] + [item.length]
-            length = run_length(self.model.session.config, lengths)
-            if len(lengths) > sequences_per_batch(length, self.options.max_tokens_per_batch):
+            longest = max(longest, item.length)  # one bucket: its run length is that of its longest member
+            length = run_length(self.model.session.config, [longest])
+            if len(chosen) + 1 > sequences_per_batch(length, self.options.max_tokens_per_batch):
                 break
             chosen.append(item)
         return chosen
