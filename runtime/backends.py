@@ -69,9 +69,9 @@ def check_outputs(backend: Backend, outputs: Sequence[str] | None) -> tuple[str,
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: ReformerLM | ReformerModel, device: str = "cpu") -> None:
+    def __init__(self, model: ReformerLM | ReformerModel, device: str = "cpu", dtype: str = "float32") -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, getattr(torch, dtype)).eval()
         for module in self.model.modules():
             if isinstance(module, (FeedForward, LMHead)) and module.chunk == 0:
                 module.chunk = FEED_FORWARD_CHUNK

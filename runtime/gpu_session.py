@@ -17,10 +17,10 @@ near-ties"). So, for each sequence and LSH layer, with the qk each device fed to
   sequences report the share of positions within tolerance; they do not fail.
 
 ``headline``: one forward of the crime-and-punishment architecture (random weights) over its full 524,288 tokens,
-B=1: through ``Session`` on CUDA (fp32: the Session loads fp32 weights and has no dtype option yet; last-position
-logits, so the timing includes copying the full logits to the host, which the torch backend does), the same model
-in fp16 called directly (the figure the fp16 target is judged on), and HF eager fp16 on the same weights (time and
-memory, or the out-of-memory error it hits). Timing and memory as in ``reformer_rt.plugins.bench_gpu``.
+B=1: through ``Session(dtype="float16")`` on CUDA asking for the last position's logits (the figure the target is
+judged on; the torch backend computes the LM head at that position only), the same in fp32, the fp16 model called
+directly (what the Session adds), and HF eager fp16 on the same weights (time and memory, or the out-of-memory
+error it hits). Timing and memory as in ``reformer_rt.plugins.bench_gpu``.
 
 Exit status: 0 passed, 1 failed (a parity criterion, or one of our own measurements raised), 2 no CUDA GPU.
 """
@@ -60,7 +60,7 @@ NOISE = 1e-4
 #: Relative top-2 gap within which the Triton hash and the reference may disagree on identical inputs (their fp32
 #: dot products accumulate in different orders: a few ulps).
 KERNEL_TIE = 1e-6
-HEADLINE_ROW = "ReformerLM fp16 forward"
+HEADLINE_ROW = "Session fp16 (last_logits)"
 
 
 @torch.inference_mode()
@@ -172,14 +172,16 @@ def parity(out: Path) -> int:
     return 0 if passed else 1
 
 
-def _time_session(rows: list[Timing], checkpoint: str, ids: np.ndarray) -> None:
-    session = Session(checkpoint, backend="torch", device="cuda", max_tokens_per_batch=len(ids))
-    timed(rows, HEADLINE, len(ids), "Session fp32 (last_logits)", lambda: session.run([ids], outputs=["last_logits"]))
+def _time_session(rows: list[Timing], checkpoint: str, ids: np.ndarray, dtype: str) -> None:
+    session = Session(checkpoint, backend="torch", device="cuda", max_tokens_per_batch=len(ids), dtype=dtype)
+    name = "fp16" if dtype == "float16" else "fp32"
+    timed(rows, HEADLINE, len(ids), f"Session {name} (last_logits)",
+          lambda: session.run([ids], outputs=["last_logits"]))
 
 
 def _time_model(rows: list[Timing], checkpoint: str, tensor: torch.Tensor) -> None:
     model = ReformerLM.from_pretrained(checkpoint).half().cuda()
-    timed(rows, HEADLINE, tensor.shape[1], HEADLINE_ROW, lambda: model(tensor))
+    timed(rows, HEADLINE, tensor.shape[1], "ReformerLM fp16 forward (all logits)", lambda: model(tensor))
 
 
 def _time_hf(rows: list[Timing], checkpoint: str, tensor: torch.Tensor) -> None:
@@ -201,8 +203,9 @@ def headline(out: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="reformer-rt-headline-") as checkpoint:
         torch.manual_seed(0)
         ReformerLM(config).save_pretrained(checkpoint)
-        _time_session(rows, checkpoint, ids)
-        torch.cuda.empty_cache()  # each helper's model is gone once it returns
+        for dtype in ("float16", "float32"):
+            _time_session(rows, checkpoint, ids, dtype)
+            torch.cuda.empty_cache()  # each helper's model is gone once it returns
         _time_model(rows, checkpoint, tensor)
         torch.cuda.empty_cache()
         _time_hf(rows, checkpoint, tensor)

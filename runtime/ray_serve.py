@@ -55,9 +55,10 @@ REPLICA_HEADER = "X-Reformer-Replica"
 class RayServeOptions:
     """What a replica needs; everything else (replicas, autoscaling, resources) is a Ray deployment option."""
 
-    models: dict[str, dict[str, Any]]  # name -> {"path", optional "backend", "device"}
+    models: dict[str, dict[str, Any]]  # name -> {"path", optional "backend", "device", "dtype"}
     backend: str = "auto"
     device: str | None = None
+    dtype: str = "float32"
     threads: int = 1
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS
     batch_wait_timeout_s: float = 0.002
@@ -92,7 +93,8 @@ class ReformerReplica:
         for name, spec in options.models.items():
             session = Session(spec["path"], backend=spec.get("backend", options.backend),
                               device=spec.get("device", options.device), threads=options.threads,
-                              max_tokens_per_batch=options.max_tokens_per_batch)
+                              max_tokens_per_batch=options.max_tokens_per_batch,
+                              dtype=spec.get("dtype", options.dtype))
             session.run([[0] * min(64, session.max_length)], outputs=list(session.outputs))  # warm-up
             self.models[name] = _Slot(ServedModel(name, session))
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reformer-rt-replica")
@@ -272,7 +274,8 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
                          "batching delay")
     log_to_stderr()
     options = RayServeOptions(
-        config["models"], backend=config["backend"], device=config["device"], threads=config["threads"] or 1,
+        config["models"], backend=config["backend"], device=config["device"], dtype=config["dtype"],
+        threads=config["threads"] or 1,
         max_tokens_per_batch=config["max_tokens_per_batch"], batch_wait_timeout_s=config["max_queue_delay_us"] / 1e6,
         max_body_bytes=config["max_body_mb"] << 20, restricted_header=restricted_header(config["restricted_header"]))
     scaling = _scaling(args)

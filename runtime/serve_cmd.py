@@ -5,8 +5,8 @@
     reformer-rt serve --config serve.json               # models and options from a JSON file
 
 A bare PATH is named by its directory name or file stem. The config file is a JSON object: ``models`` maps names
-to paths (or to objects with ``path``, ``backend``, ``device``), and any option below may be given by its long name
-with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds 127.0.0.1
+to paths (or to objects with ``path``, ``backend``, ``device``, ``dtype``), and any option below may be given by
+its long name with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds 127.0.0.1
 unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model is loaded and warmed
 up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the protocol details.
 """
@@ -26,7 +26,7 @@ from typing import Any
 from reformer_rt.models import InputError
 
 from .artifacts import DEFAULT_MAX_TOKENS
-from .session import BACKENDS
+from .session import BACKENDS, DTYPES
 
 log = logging.getLogger("reformer_rt.serve")
 
@@ -34,7 +34,7 @@ RESTRICTED_VALUE_ENV = "REFORMER_RT_RESTRICTED_HEADER_VALUE"
 #: option -> (default, type) for everything a config file may set as well.
 OPTIONS: dict[str, tuple[Any, type]] = {
     "host": ("127.0.0.1", str), "http_port": (8000, int), "grpc_port": (8001, int), "metrics_port": (8002, int),
-    "backend": ("auto", str), "device": (None, str), "threads": (0, int),
+    "backend": ("auto", str), "device": (None, str), "dtype": ("float32", str), "threads": (0, int),
     "max_queue_delay_us": (0, int), "max_tokens_per_batch": (DEFAULT_MAX_TOKENS, int), "max_queue_size": (1024, int),
     "default_priority": (10, int), "batching": (True, bool), "max_body_mb": (64, int),
     "restricted_header": (None, str), "tls_cert": (None, str), "tls_key": (None, str),
@@ -54,6 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002; 0 picks a free one)")
     p.add_argument("--backend", choices=BACKENDS, help="backend for every model (default auto)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, help="precision of the torch backend (default float32; float16 on a "
+                   "GPU halves memory and time)")
     p.add_argument("--threads", type=int, help="CPU threads per model (default: all)")
     p.add_argument("--max-queue-delay-us", type=int, help="longest wait to fill a batch (default 0)")
     p.add_argument("--max-tokens-per-batch", type=int, help=f"padded tokens per forward pass (default "
@@ -131,7 +133,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]:
-    """name -> {"path", optional "backend"/"device"}; the demo model when nothing is given."""
+    """name -> {"path", optional "backend"/"device"/"dtype"}; the demo model when nothing is given."""
     specs: dict[str, dict[str, Any]] = {}
     if configured is not None:
         if not isinstance(configured, dict):
@@ -139,9 +141,9 @@ def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]
         for name, value in configured.items():
             spec = {"path": value} if isinstance(value, str) else value
             if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) \
-                    or set(spec) - {"path", "backend", "device"}:
+                    or set(spec) - {"path", "backend", "device", "dtype"}:
                 raise InputError(f"--config: model {name!r}: got {value!r}; expected a path or an object with "
-                                 "'path' (and optionally 'backend', 'device')")
+                                 "'path' (and optionally 'backend', 'device', 'dtype')")
             specs[name] = spec
     for text in given:
         name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
@@ -201,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     for name, spec in config["models"].items():
         session = Session(spec["path"], backend=spec.get("backend", config["backend"]),
                           device=spec.get("device", config["device"]), threads=config["threads"],
-                          max_tokens_per_batch=config["max_tokens_per_batch"])
+                          max_tokens_per_batch=config["max_tokens_per_batch"],
+                          dtype=spec.get("dtype", config["dtype"]))
         log.info("reformer-rt serve: model %s = %s: backend %s (%s), device %s, max length %d, outputs %s", name,
                  spec["path"], session.backend, session.backend_reason, session.device, session.max_length,
                  ", ".join(session.outputs))

@@ -43,6 +43,8 @@ from .tensorrt_backend import plugin_registered
 log = logging.getLogger("reformer_rt")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+#: Precisions of the torch backend (the weights and activations; softmax statistics stay fp32 in the kernels).
+DTYPES = ("float32", "float16")
 
 
 def tensorrt_ready() -> tuple[bool, str]:
@@ -77,9 +79,12 @@ class RunResult(Mapping[str, np.ndarray]):
 
 class Session:
     def __init__(self, path: str | Path, backend: str = "auto", device: str | None = None,
-                 max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, threads: int = 0, progress: bool = False) -> None:
+                 max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, threads: int = 0, progress: bool = False,
+                 dtype: str = "float32") -> None:
         if backend not in BACKENDS:
             raise InputError(f"backend: got {backend!r}; expected one of {BACKENDS}")
+        if dtype not in DTYPES:
+            raise InputError(f"dtype: got {dtype!r}; expected one of {DTYPES}")
         if isinstance(max_tokens_per_batch, bool) or not isinstance(max_tokens_per_batch, int) \
                 or max_tokens_per_batch < 1:
             raise InputError(f"max_tokens_per_batch: got {max_tokens_per_batch!r}; expected an integer >= 1")
@@ -94,6 +99,10 @@ class Session:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.progress = progress
         name, self.backend_reason = self._choose(backend, kind)
+        if dtype != "float32" and name != "torch":
+            raise InputError(f"dtype {dtype}: the {name} backend runs the precision its file was exported with; "
+                             "export with --dtype float16 (then build), or open the checkpoint with backend='torch'")
+        self.dtype = dtype
         self._backend: Backend = self._open(name, kind, threads)
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
@@ -126,7 +135,7 @@ class Session:
                                          f"{self.path} (use backend='onnxruntime' or 'tensorrt')")
             if threads:
                 torch.set_num_threads(threads)
-            return TorchBackend(_load_model(self.path), self.device)
+            return TorchBackend(_load_model(self.path), self.device, self.dtype)
         if name == "onnxruntime":
             if kind == "engine":
                 raise BackendUnavailable(f"backend onnxruntime: {self.path} is a TensorRT engine")

@@ -244,3 +244,17 @@ def test_onnxruntime_runs_large_batches_without_the_memory_arena(checkpoint, onn
     _check_against_alone(model, session.run(seqs), seqs, tol=1e-4)
     lean = session._backend._lean_session
     assert lean is not None and lean is not session._backend.session
+
+
+def test_float16_torch_session_equals_the_float16_model_and_other_backends_refuse_it(checkpoint, onnx_file) -> None:
+    model, directory = checkpoint
+    seqs = _sequences(6)
+    half = Session(directory, backend="torch", device="cpu", dtype="float16").run(seqs, outputs=["logits"])
+    assert half["logits"].dtype == np.float32  # outputs are float32 whatever the compute precision
+    reference = ReformerLM.from_pretrained(directory).half()
+    worst = max(float(np.abs(half.rows["logits"][i] - _alone(reference, seq)).max()) for i, seq in enumerate(seqs))
+    assert worst <= 2.0**-10 * float(np.abs(half["logits"]).max())  # a few fp16 ulps: batch-mates change nothing
+    with pytest.raises(InputError, match="precision its file was exported with"):
+        Session(onnx_file, backend="onnxruntime", dtype="float16")
+    with pytest.raises(InputError, match="dtype: got 'bfloat16'"):
+        Session(directory, backend="torch", dtype="bfloat16")
