@@ -259,7 +259,7 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
     import signal
     import threading
 
-    from .serve_cmd import log_to_stderr, restricted_header
+    from .serve_cmd import restricted_header
 
     try:
         import ray
@@ -272,7 +272,6 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
     if not config["batching"]:
         raise InputError("--no-batching with --ray: not supported; set --max-queue-delay-us 0 for the shortest "
                          "batching delay")
-    log_to_stderr()
     options = RayServeOptions(
         config["models"], backend=config["backend"], device=config["device"], dtype=config["dtype"],
         threads=config["threads"] or 1,
