@@ -31,23 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer_rt.models import ReformerLM, ReformerModel
+from reformer_rt.models import Reformer, task_of
 from reformer_rt.models.lsh_op import onnx_lowering
 
 from .errors import ExportError
-from .metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT
+from .metadata import GRAPH_INPUTS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Batch size of the trace sample; 2 keeps torch.export from specializing the axis (it specializes 0 and 1).
 SAMPLE_BATCH = 2
 
-Reformer = ReformerLM | ReformerModel
-
 
 class OnnxInterface(nn.Module):
-    """The exported signature: (input_ids, attention_mask) int64 [B, L] -> model output [B, L, ...].
+    """The exported signature: (input_ids, attention_mask) int64 [B, L] -> the model's outputs (``task_of``): per
+    position [B, L, ...] (logits, hidden states, QA start/end logits) or per sequence [B, ...] (class logits).
 
-    Pads L up to the chunk multiple inside the graph and cuts the output back to L.
+    Pads L up to the chunk multiple inside the graph and cuts the per-position outputs back to L.
     """
 
     def __init__(self, model: Reformer) -> None:
@@ -55,17 +54,21 @@ class OnnxInterface(nn.Module):
         self.model = model
         self.multiple = model.config.chunk_multiple
         self.pad_id = model.config.pad_token_id or 0
+        self.per_position = task_of(model).per_position
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         length = input_ids.shape[1]
         pad = (self.multiple - length % self.multiple) % self.multiple
         input_ids = F.pad(input_ids, (0, pad), value=self.pad_id)
         attention_mask = F.pad(attention_mask, (0, pad), value=0)
-        return self.model(input_ids, attention_mask)[:, :length]
+        outputs = self.model(input_ids, attention_mask)
+        outputs = tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+        return tuple(out[:, :length] if cut else out for out, cut in zip(outputs, self.per_position))
 
 
-def output_name(model: Reformer) -> str:
-    return LM_OUTPUT if isinstance(model, ReformerLM) else BASE_OUTPUT
+def output_names(model: Reformer) -> tuple[str, ...]:
+    """The graph's outputs, in order (the model's task: ``reformer_rt.models.heads.TASKS``)."""
+    return task_of(model).outputs
 
 
 def exportable_copy(model: Reformer, dtype: str) -> Reformer:
@@ -110,7 +113,7 @@ def trace(model: Reformer, attention: str, dtype: str, max_length: int | None, o
         try:
             program = torch.onnx.export(
                 wrapper, (ids, torch.ones_like(ids)), dynamo=True, input_names=list(GRAPH_INPUTS),
-                output_names=[output_name(model)], opset_version=opset,
+                output_names=list(output_names(model)), opset_version=opset,
                 dynamic_shapes={GRAPH_INPUTS[0]: axes, GRAPH_INPUTS[1]: axes}, verbose=False)
         except Exception as exc:  # torch.export raises many types; the model is not the user's to fix
             raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__} ({attention}, {dtype}): "

@@ -34,6 +34,9 @@ PACKAGE = "reformer-rt"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LM_OUTPUT = "logits"
 BASE_OUTPUT = "last_hidden_state"
+#: Each task's graph outputs, in order (``reformer_rt.models.heads.TASKS``; named here for files of any age).
+TASK_OUTPUTS = {"lm": (LM_OUTPUT,), "base": (BASE_OUTPUT,), "classification": (LM_OUTPUT,),
+                "question_answering": ("start_logits", "end_logits")}
 ATTENTION_FORMS = ("plugin", "portable")
 #: What each LSH form is and who needs it, for the error that refuses a file in the other form.
 _FORMS = {
@@ -57,9 +60,12 @@ class ExportOptions:
     dtype: str
     opset: int
     max_length: int
-    output_name: str
+    output_name: str  # the first of ``output_names``
     #: How lengths that are not a chunk multiple are handled: padded inside the graph, output cut back.
     padding: str = "in_graph"
+    #: The model's task (``reformer_rt.models.heads.TASKS``) and every graph output, in order.
+    task: str = "lm"
+    output_names: tuple[str, ...] = ()
 
 
 def package_version() -> str:
@@ -148,11 +154,11 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
         metadata = read_metadata(path)
         config = ReformerConfig.from_dict(metadata["config"])
         options = metadata["export_options"]
-        form, output, max_length = options["attention"], options["output_name"], int(options["max_length"])
-        opset = int(options["opset"])
+        form, max_length, opset = options["attention"], int(options["max_length"]), int(options["opset"])
+        task, outputs = export_task(options)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: its reformer_rt metadata is malformed ({type(exc).__name__}: {exc}); {redo}") from exc
-    disagreements = _disagreements(model, config, form, output, max_length, opset)
+    disagreements = _disagreements(model, config, form, task, outputs, options["output_name"], max_length, opset)
     if disagreements:
         raise InputError(f"{path}: its reformer_rt metadata disagrees with its graph ({'; '.join(disagreements)}); "
                          f"{redo}")
@@ -161,8 +167,26 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
     return metadata
 
 
-def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, output: str, max_length: int,
-                   opset: int) -> list[str]:
+def export_task(options: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(task, output names) an export's options record; files written before tasks were recorded are LM or base
+    models with one output."""
+    output = options["output_name"]
+    names = tuple(options.get("output_names") or (output,))
+    task = options.get("task") or ("lm" if output == LM_OUTPUT else "base")
+    if task not in TASK_OUTPUTS or names != TASK_OUTPUTS[task]:
+        raise ValueError(f"task {task!r} with outputs {list(names)}; expected one of {TASK_OUTPUTS}")
+    return task, names
+
+
+def _output_widths(task: str, config: ReformerConfig) -> dict[str, int | None]:
+    """The last dimension each output of ``task`` must have (None: per-position scalars, [B, L])."""
+    return {"lm": {LM_OUTPUT: config.vocab_size}, "base": {BASE_OUTPUT: 2 * config.hidden_size},
+            "classification": {LM_OUTPUT: config.num_labels},
+            "question_answering": {"start_logits": None, "end_logits": None}}[task]
+
+
+def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, task: str, names: tuple[str, ...],
+                   primary: str, max_length: int, opset: int) -> list[str]:
     """Each way the graph differs from what its metadata says, as 'metadata says X, graph has Y'."""
     graph = model.graph
     inputs = {i.name: i for i in graph.input if i.name not in {t.name for t in graph.initializer}}
@@ -171,13 +195,14 @@ def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, ou
     if sorted(inputs) != sorted(GRAPH_INPUTS) or any(
             i.type.tensor_type.elem_type != onnx.TensorProto.INT64 for i in inputs.values()):
         found.append(f"inputs: expected int64 {list(GRAPH_INPUTS)}, graph has {list(inputs)}")
-    width = {LM_OUTPUT: config.vocab_size, BASE_OUTPUT: 2 * config.hidden_size}.get(output)
-    if width is None or output not in outputs:
-        found.append(f"output: metadata says {output!r}, graph has {list(outputs)}")
-    else:
-        dims = outputs[output].type.tensor_type.shape.dim
-        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width:
-            found.append(f"{output} width: config says {width}, graph has {dims[-1].dim_value}")
+    if list(names) != list(outputs):
+        found.append(f"outputs: metadata says {list(names)}, graph has {list(outputs)}")
+    elif primary != names[0]:
+        found.append(f"output: metadata says {primary!r} first, graph has {list(outputs)}")
+    for name, width in _output_widths(task, config).items():
+        dims = outputs[name].type.tensor_type.shape.dim if name in outputs else ()
+        if width is not None and dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width:
+            found.append(f"{name} width: config says {width}, graph has {dims[-1].dim_value}")
     if form not in ATTENTION_FORMS:
         found.append(f"attention: metadata says {form!r}, expected one of {ATTENTION_FORMS}")
     else:

@@ -16,7 +16,6 @@ Known limits: see ``lowering.py`` (length range, unchunked feed-forward) and ``v
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -28,7 +27,8 @@ import onnx
 import torch
 from torch import nn
 
-from reformer_rt.models import CheckpointError, ReformerLM, ReformerModel
+from reformer_rt.models import CheckpointError, Reformer, load_pretrained, task_of
+from reformer_rt.models.heads import TASKS
 from reformer_rt.models.errors import os_error_hint, raise_if_stopped
 from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME, OP_VERSION
 from reformer_rt.models.lsh_op import ONNX_LOWERINGS
@@ -43,7 +43,6 @@ DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 25
 DEFAULT_ATTENTION = "portable"
 EXTERNAL_DATA_BYTES = 2**31 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
-Reformer = ReformerLM | ReformerModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +51,7 @@ class ExportReport:
     attention: str
     dtype: str
     opset: int
-    output_name: str
+    output_names: tuple[str, ...]
     max_length: int
     lsh_nodes: int
     size_bytes: int
@@ -95,7 +94,7 @@ def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str
         _move_into_place(model_file, target, external)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = ExportReport(target, attention, dtype, opset, lowering.output_name(model), high, lsh_nodes,
+    report = ExportReport(target, attention, dtype, opset, lowering.output_names(model), high, lsh_nodes,
                           _size(target, external), external, time.perf_counter() - start, result)
     if log is not None:
         log(report.summary())
@@ -103,12 +102,9 @@ def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str
 
 
 def load_source(source: str | Path | nn.Module, max_length: int | None = None) -> Reformer:
-    """The model to export: a ReformerLM / ReformerModel as given, or loaded from a checkpoint directory.
-
-    A directory loads as ``ReformerLM`` when its config names an LM architecture (``...LMHead``, ``...MaskedLM``)
-    or, with no architectures listed, when its weights carry an LM head; otherwise as ``ReformerModel``.
-    """
-    if isinstance(source, (ReformerLM, ReformerModel)):
+    """The model to export: a reformer_rt model as given, or loaded from a checkpoint directory as the class its
+    ``architectures`` name (``reformer_rt.models.load_pretrained``)."""
+    if isinstance(source, tuple(TASKS)):
         if any(p.dtype != torch.float32 for p in source.parameters()):
             raise ExportError("source: got a model with non-float32 parameters; expected the float32 model "
                               "(float16 is an export option: dtype='float16')")
@@ -118,32 +114,14 @@ def load_source(source: str | Path | nn.Module, max_length: int | None = None) -
                               "weights -- the model diverged or was loaded from a corrupt checkpoint")
         return source.eval()
     if isinstance(source, nn.Module):
-        raise ExportError(f"source: got {type(source).__name__}; expected a reformer_rt ReformerLM / "
-                          "ReformerModel or a checkpoint directory (load HF models with from_pretrained)")
+        raise ExportError(f"source: got {type(source).__name__}; expected a reformer_rt model "
+                          f"({', '.join(sorted(c.__name__ for c in TASKS))}) or a checkpoint directory (load HF "
+                          "models with from_pretrained)")
     directory = Path(source)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint: {directory} is not a directory; expected a Reformer checkpoint "
                               "directory (config.json + model.safetensors / pytorch_model.bin)")
-    architectures = _architectures(directory)
-    if architectures:
-        lm = any(a.endswith(("LMHead", "MaskedLM")) for a in architectures)
-        return (ReformerLM if lm else ReformerModel).from_pretrained(directory, max_length)
-    try:
-        return ReformerLM.from_pretrained(directory, max_length)
-    except CheckpointError as lm_error:
-        try:
-            return ReformerModel.from_pretrained(directory, max_length)
-        except CheckpointError:
-            raise lm_error from None  # neither loads: the first reason is the one to fix
-
-
-def _architectures(directory: Path) -> list[str]:
-    try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return []  # from_pretrained reports the unreadable config with its own message
-    names = data.get("architectures") if isinstance(data, dict) else None
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    return load_pretrained(directory, max_length)
 
 
 def _check_options(attention: str, dtype: str, opset: int) -> None:
@@ -198,7 +176,9 @@ def _finish_graph(proto: onnx.ModelProto, model: Reformer, attention: str, dtype
     if written != opset:
         raise ExportError(f"opset: asked for {opset}, but the installed torch exporter wrote opset {written}; "
                           f"export with --opset {written}")
-    options = metadata.ExportOptions(attention, dtype, opset, max_length, lowering.output_name(model))
+    task = task_of(model)
+    options = metadata.ExportOptions(attention, dtype, opset, max_length, task.outputs[0], task=task.name,
+                                     output_names=task.outputs)
     metadata.attach(proto, metadata.build(model.config, options))
     return len(nodes)
 

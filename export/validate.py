@@ -23,7 +23,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from reformer_rt.models import ReformerLM, ReformerModel
+from reformer_rt.models import Reformer, task_of
 
 from . import ort_custom_op
 from .errors import ExportError, ValidationError
@@ -84,7 +84,7 @@ def random_inputs(vocab_size: int, batch: int, length: int, ragged: bool,
     return ids, mask
 
 
-def validate(model: onnx.ModelProto, torch_model: ReformerLM | ReformerModel, attention: str, dtype: str,
+def validate(model: onnx.ModelProto, torch_model: Reformer, attention: str, dtype: str,
              shapes: list[tuple[int, int, bool]], seed: int = 0) -> ValidationResult:
     """Run ``model`` and ``torch_model`` on the same inputs and compare (module docstring)."""
     metric, tolerance = ("abs", FP32_ABS_TOL) if dtype == "float32" else ("rel", FP16_REL_TOL)
@@ -95,22 +95,30 @@ def validate(model: onnx.ModelProto, torch_model: ReformerLM | ReformerModel, at
         if session is None:
             return ValidationResult(False, True, metric, tolerance, (), note)
         generator = torch.Generator().manual_seed(seed)
+        per_position = task_of(torch_model).per_position
         cases = []
         for batch, length, ragged in shapes:
             ids, mask = random_inputs(torch_model.config.vocab_size, batch, length, ragged, generator)
             with torch.no_grad():
-                expected = torch_model(ids, mask).float().numpy()
-            got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-            cases.append(_compare(got.astype(np.float32), expected, mask.numpy() != 0, batch, length, ragged))
+                expected = torch_model(ids, mask)
+            expected = tuple(expected) if isinstance(expected, tuple) else (expected,)
+            got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+            valid = mask.numpy() != 0
+            compared = [_compare(g.astype(np.float32), e.float().numpy(), valid if positional else None, batch,
+                                 length, ragged) for g, e, positional in zip(got, expected, per_position)]
+            cases.append(max(compared, key=lambda c: c.max_abs_diff))
     result = ValidationResult(True, True, metric, tolerance, tuple(cases))
     return dataclasses.replace(result, passed=result.max_diff <= tolerance)
 
 
-def _compare(got: np.ndarray, expected: np.ndarray, valid: np.ndarray, batch: int, length: int,
+def _compare(got: np.ndarray, expected: np.ndarray, valid: np.ndarray | None, batch: int, length: int,
              ragged: bool) -> CaseResult:
+    """One output compared at real tokens (``valid``: mask [B, L]; None for per-sequence outputs: every entry)."""
     if got.shape != expected.shape:
         raise ValidationError(f"validation: graph output shape {got.shape} at input [{batch}, {length}]; "
                               f"expected {expected.shape} as the PyTorch model gives")
+    if valid is None:
+        valid = np.ones(got.shape, dtype=bool)
     diff = np.abs(got - expected)[valid]
     scale = float(np.abs(expected[valid]).max()) or 1.0
     worst = float(diff.max()) if np.isfinite(diff).all() else float("inf")

@@ -5,12 +5,16 @@ This package imports torch and safetensors only; export, kernels and runtimes bu
 
 from .config import DEFAULT_HASH_SEED, ReformerConfig, resolve_num_buckets
 from .errors import CheckpointError, ConfigError, InputError, InputTypeError, ReformerError
+from .heads import (
+    Reformer, ReformerForQuestionAnswering, ReformerForSequenceClassification, Task, load_pretrained, task_of,
+)
 from .lsh import OP_ID, OP_VERSION, LSHAttrs, lsh_attention_reference, make_rotations
 from .lsh_op import lsh_attention
 from .modeling import ReformerLM, ReformerModel
 
 __all__ = [
     "DEFAULT_HASH_SEED", "OP_ID", "OP_VERSION", "CheckpointError", "ConfigError", "InputError", "InputTypeError",
-    "LSHAttrs", "ReformerConfig", "ReformerError", "ReformerLM", "ReformerModel", "lsh_attention",
-    "lsh_attention_reference", "make_rotations", "resolve_num_buckets",
+    "LSHAttrs", "Reformer", "ReformerConfig", "ReformerError", "ReformerForQuestionAnswering",
+    "ReformerForSequenceClassification", "ReformerLM", "ReformerModel", "Task", "load_pretrained", "lsh_attention",
+    "lsh_attention_reference", "make_rotations", "resolve_num_buckets", "task_of",
 ]

@@ -4,9 +4,10 @@ Read: ``config.json`` plus ``model.safetensors`` (or a sharded ``model.safetenso
 ``pytorch_model.bin`` loaded with ``weights_only=True`` (never unpickles code). Weights are converted to float32:
 the PyTorch model is the fp32 reference; fp16 lives in exported graphs.
 
-Key names: HF's ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` prefix the body with ``reformer.`` and keep
-``lm_head.decoder.{weight,bias}`` (plus a duplicate ``lm_head.bias``); a bare ``ReformerModel`` has no prefix.
-Heads other than the LM head are ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being
+Key names: HF's models with a head prefix the body with ``reformer.`` and keep their head's keys (LM:
+``lm_head.decoder.{weight,bias}`` plus a duplicate ``lm_head.bias``; classification: ``classifier.``; QA:
+``qa_outputs.``); a bare ``ReformerModel`` has no prefix.
+A head the loaded class does not have (``HEAD_PREFIXES``) is ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being
 loaded, and any NaN or infinite weight, is an error naming that tensor.
 
 Write: ``save_pretrained`` writes the resolved config (hash seed and bucket counts decided) and safetensors with
@@ -119,20 +120,20 @@ def _read_torch_file(file: Path) -> dict:
 
 def _model_state_from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename checkpoint keys to ``model``'s keys; heads the model does not have are dropped."""
-    has_head = hasattr(model, "lm_head")
+    heads: tuple[str, ...] = getattr(model, "HEAD_PREFIXES", ())
     prefixed = any(k.startswith(BODY_PREFIX) for k in state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if prefixed and not key.startswith(BODY_PREFIX):
-            if not (has_head and key.startswith(LM_HEAD_PREFIX)):
-                continue  # another head (classifier, qa_outputs...) or the LM head of a body-only load
+            if not key.startswith(heads):
+                continue  # another head (classifier, qa_outputs...) or the head of a body-only load
             if key == "lm_head.bias":
                 out.setdefault("lm_head.decoder.bias", value)  # HF ties it to lm_head.decoder.bias
                 continue
             out[key] = value
             continue
         body_key = key[len(BODY_PREFIX):] if prefixed else key
-        out[BODY_PREFIX + body_key if has_head else body_key] = value
+        out[BODY_PREFIX + body_key if heads else body_key] = value
     return out
 
 
@@ -174,11 +175,10 @@ def save(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     config: ReformerConfig = model.config  # type: ignore[assignment]
-    has_head = hasattr(model, "lm_head")
     data = config.to_dict()
-    data["architectures"] = ["ReformerModelWithLMHead" if has_head else "ReformerModel"]
+    data["architectures"] = [model.ARCHITECTURE]  # type: ignore[attr-defined]
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if has_head:
+    if "lm_head.decoder.bias" in state:
         state["lm_head.bias"] = state["lm_head.decoder.bias"].clone()  # HF's own LM checkpoints carry both
     path = path.absolute()
     try:

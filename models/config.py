@@ -33,6 +33,8 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 #: otherwise become a tuple of characters, and "false" would be a true bool.
 _LIST_FIELDS = ("attn_layers", "axial_pos_shape", "axial_pos_embds_dim")
 _BOOL_FIELDS = ("is_decoder", "axial_pos_embds")
+#: HF's ``problem_type`` values (the loss a classifier was trained with; inference reads it for probabilities).
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 BucketSpec = int | tuple[int, ...] | None
 
@@ -79,6 +81,10 @@ class ReformerConfig:
     chunk_size_lm_head: int = 0
     pad_token_id: int | None = 0
     eos_token_id: int | None = 2
+    # Heads (ReformerForSequenceClassification / ReformerForQuestionAnswering): the label names in id order (HF's
+    # ``id2label``; ``num_labels`` is their count) and HF's ``problem_type``. None: the checkpoint has no head.
+    labels: tuple[str, ...] | None = None
+    problem_type: str | None = None
 
     def __post_init__(self) -> None:
         for name in _LIST_FIELDS:
@@ -93,6 +99,13 @@ class ReformerConfig:
         object.__setattr__(self, "axial_pos_shape", tuple(self.axial_pos_shape))
         object.__setattr__(self, "axial_pos_embds_dim", tuple(self.axial_pos_embds_dim))
         object.__setattr__(self, "num_buckets", _as_buckets(self.num_buckets))
+        if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not self.labels \
+                    or not all(isinstance(label, str) for label in self.labels):
+                raise ConfigError(f"labels: got {self.labels!r}; expected a non-empty list of label names")
+            object.__setattr__(self, "labels", tuple(self.labels))
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type: got {self.problem_type!r}; expected null or one of {PROBLEM_TYPES}")
         self._validate()
 
     # ----------------------------------------------------------------------------------------------- validation
@@ -156,6 +169,11 @@ class ReformerConfig:
         return len(self.attn_layers)
 
     @property
+    def num_labels(self) -> int:
+        """Outputs of a classification or QA head (HF: ``len(id2label)``, 2 when unset)."""
+        return len(self.labels) if self.labels is not None else 2
+
+    @property
     def chunk_multiple(self) -> int:
         """Inputs longer than ``min_chunk_length`` are padded to a multiple of this (HF: lcm of chunk lengths)."""
         return math.lcm(*(self._chunk_length(t) for t in set(self.attn_layers)))
@@ -204,8 +222,11 @@ class ReformerConfig:
         model_type = data.get("model_type", "reformer")
         if model_type != "reformer":
             raise ConfigError(f"model_type: got {model_type!r}; expected 'reformer'")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"labels"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        labels = _labels(data)
+        if labels is not None:
+            kwargs["labels"] = labels
         try:
             return cls(**kwargs)
         except TypeError as exc:  # a list where an int belongs, etc.
@@ -230,11 +251,39 @@ class ReformerConfig:
         data: dict[str, Any] = {"model_type": "reformer"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "labels":
+                if value is not None:  # HF's form: id2label with string keys, label2id, num_labels
+                    data["id2label"] = {str(i): label for i, label in enumerate(value)}
+                    data["label2id"] = {label: i for i, label in enumerate(value)}
+                    data["num_labels"] = len(value)
+                continue
             data[f.name] = list(value) if isinstance(value, tuple) else value
         return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _labels(data: dict[str, Any]) -> tuple[str, ...] | None:
+    """Label names in id order from HF's ``id2label`` (keys "0".."n-1") or ``num_labels``; None when neither."""
+    id2label, count = data.get("id2label"), data.get("num_labels")
+    if id2label is None:
+        if count is None:
+            return None
+        _check_int("num_labels", count, low=1)
+        return tuple(f"LABEL_{i}" for i in range(count))
+    if not isinstance(id2label, dict) or not id2label:
+        raise ConfigError(f"id2label: got {id2label!r}; expected an object mapping ids 0..n-1 to label names")
+    try:
+        ids = sorted(int(key) for key in id2label)
+    except (TypeError, ValueError):
+        raise ConfigError(f"id2label: keys {sorted(map(str, id2label))}; expected the ids 0..n-1") from None
+    if ids != list(range(len(ids))):
+        raise ConfigError(f"id2label: keys {ids}; expected the ids 0..{len(ids) - 1}, each once")
+    if count is not None and count != len(ids):
+        raise ConfigError(f"num_labels: got {count!r}; expected {len(ids)}, the number of id2label entries")
+    by_id = {int(key): value for key, value in id2label.items()}
+    return tuple(str(by_id[i]) for i in ids)
 
 
 def resolve_num_buckets(max_length: int, chunk_length: int, max_position_embeddings: int) -> int | tuple[int, int]:

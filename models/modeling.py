@@ -164,6 +164,9 @@ class _PretrainedMixin:
 class ReformerModel(_PretrainedMixin, nn.Module):
     """``model(input_ids, attention_mask=None)`` -> last hidden state [B, L, 2*hidden] (HF ``ReformerModel``)."""
 
+    ARCHITECTURE = "ReformerModel"
+    HEAD_PREFIXES: tuple[str, ...] = ()  # checkpoint key prefixes of its head (see checkpoint.py)
+
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
         self.config = config if config.is_resolved else config.resolved()
@@ -198,6 +201,9 @@ class LMHead(nn.Module):
 
 class ReformerLM(_PretrainedMixin, nn.Module):
     """``model(input_ids, attention_mask=None)`` -> logits [B, L, vocab] (HF ``ReformerModelWithLMHead``)."""
+
+    ARCHITECTURE = "ReformerModelWithLMHead"
+    HEAD_PREFIXES = ("lm_head.",)
 
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()

@@ -1,33 +1,33 @@
 """Execution backends behind ``Session``: each runs ONE micro-batch of equally padded sequences.
 
-The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy [B, L, X]}``
-with int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
-``outputs`` (``logits`` and/or ``last_hidden_state``), plus ``name``, ``config``, ``output_name`` (its primary
-output) and ``max_length``. Batching, bucketing and derived outputs (last-position logits, pooling, ...) live in the
-Session only.
+The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy array}`` with
+int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
+``outputs`` (``outputs.RAW_OUTPUTS``: per position [B, L, ...] or per sequence [B, ...]), plus ``name``,
+``config``, ``task`` (the model's: lm, base, classification, question_answering) and ``max_length``. Batching,
+bucketing and derived outputs (last-position logits, pooling, probabilities, ...) live in the Session only.
 
-* ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA, the reference on CPU); a
-  language model gives both its logits and its last hidden state from one forward pass.
+* ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA, the reference on CPU); it
+  gives its head's outputs and the last hidden state from one forward pass.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
-  and a CUDA device is asked for, else CPU); it gives the one output the file was exported with.
+  and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with.
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT
-from reformer_rt.models import InputError, ReformerConfig, ReformerLM, ReformerModel
+from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT, export_task
+from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
 from reformer_rt.models.modeling import FeedForward, LMHead
 
 from .errors import BackendFailed, BackendUnavailable
-from .outputs import LAST_LOGITS  # the LM head at each row's last valid position only: [B, 1, vocab]
+from .outputs import CLASS_LOGITS, LAST_LOGITS, raw_name
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
@@ -41,7 +41,7 @@ LEAN_TOKENS = 1 << 17
 class Backend(Protocol):
     name: str
     config: ReformerConfig
-    output_name: str  # the primary output: what ``run`` computes when no outputs are named
+    task: str  # the model's task (``reformer_rt.models.heads.TASKS``)
     max_length: int  # the longest sequence it accepts
 
     @property
@@ -51,13 +51,13 @@ class Backend(Protocol):
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """One micro-batch: int64 [B, L] ids and mask -> {name: float32 [B, L, X]} for each requested output."""
+        """One micro-batch: int64 [B, L] ids and mask -> {name: float32 array} for each requested raw output."""
         ...
 
 
 def check_outputs(backend: Backend, outputs: Sequence[str] | None) -> tuple[str, ...]:
     """The raw outputs to compute (default: the primary one), or an error naming what ``backend`` gives."""
-    wanted = (backend.output_name,) if outputs is None else tuple(outputs)
+    wanted = backend.outputs[:1] if outputs is None else tuple(outputs)
     missing = [name for name in wanted if name not in backend.outputs]
     if missing:
         raise InputError(f"outputs: got {missing}; the {backend.name} backend gives {list(backend.outputs)} for this "
@@ -69,7 +69,7 @@ def check_outputs(backend: Backend, outputs: Sequence[str] | None) -> tuple[str,
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: ReformerLM | ReformerModel, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, model: Reformer, device: str = "cpu", dtype: str = "float32") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device, getattr(torch, dtype)).eval()
         for module in self.model.modules():
@@ -77,30 +77,43 @@ class TorchBackend:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.max_length = self.config.max_position_embeddings
-        self.output_name = LM_OUTPUT if isinstance(model, ReformerLM) else BASE_OUTPUT
+        self.task = task_of(model).name
+        self._body = model if isinstance(model, ReformerModel) else model.reformer
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        if isinstance(self.model, ReformerLM):
-            return (LM_OUTPUT, BASE_OUTPUT, LAST_LOGITS)
-        return (BASE_OUTPUT,)
+        heads = {"lm": (LM_OUTPUT, LAST_LOGITS), "base": (), "classification": (CLASS_LOGITS,),
+                 "question_answering": ("start_logits", "end_logits")}[self.task]
+        return (*heads, BASE_OUTPUT)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         wanted = check_outputs(self, outputs)
-        body = self.model.reformer if isinstance(self.model, ReformerLM) else self.model
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
-            hidden = body(ids, mask)  # [B, L, 2*hidden]
-            result = {BASE_OUTPUT: hidden} if BASE_OUTPUT in wanted else {}
-            if LM_OUTPUT in wanted:
-                result[LM_OUTPUT] = self.model.lm_head(hidden)
-            if LAST_LOGITS in wanted:
-                last = (mask != 0).sum(dim=1).clamp(min=1) - 1  # [B]: the last valid position of each row
-                rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, 2*hidden]
-                result[LAST_LOGITS] = self.model.lm_head(rows[:, None])  # [B, 1, vocab]
+            hidden = self._body(ids, mask)  # [B, L, 2*hidden]
+            result = {name: tensor for name, tensor in self._heads(hidden, mask, wanted)}
+            if BASE_OUTPUT in wanted:
+                result[BASE_OUTPUT] = hidden
             return {name: tensor.float().cpu().numpy() for name, tensor in result.items()}
+
+    def _heads(self, hidden: torch.Tensor, mask: torch.Tensor,
+               wanted: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The wanted head outputs of ``hidden`` (each head runs only when one of its outputs is wanted)."""
+        model = self.model
+        if LM_OUTPUT in wanted:
+            yield LM_OUTPUT, model.lm_head(hidden)
+        if LAST_LOGITS in wanted:
+            last = (mask != 0).sum(dim=1).clamp(min=1) - 1  # [B]: the last valid position of each row
+            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, 2*hidden]
+            yield LAST_LOGITS, model.lm_head(rows[:, None])  # [B, 1, vocab]
+        if CLASS_LOGITS in wanted:
+            yield CLASS_LOGITS, model.classifier(hidden)  # [B, num_labels]
+        if "start_logits" in wanted or "end_logits" in wanted:
+            start, end = model.qa_outputs(hidden).unbind(dim=-1)  # [B, L] each
+            yield "start_logits", start
+            yield "end_logits", end
 
 
 class OnnxRuntimeBackend:
@@ -117,7 +130,8 @@ class OnnxRuntimeBackend:
         meta = export_metadata(path, attention="portable")
         options = meta["export_options"]
         self.config = ReformerConfig.from_dict(meta["config"])
-        self.output_name: str = options["output_name"]
+        self.task, graph_outputs = export_task(options)
+        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> graph name
         self.max_length = int(options["max_length"])
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
@@ -132,7 +146,7 @@ class OnnxRuntimeBackend:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (self.output_name,)
+        return tuple(self._graph_outputs)
 
     def _open(self, arena: bool):
         import onnxruntime as ort
@@ -149,7 +163,7 @@ class OnnxRuntimeBackend:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        check_outputs(self, outputs)
+        wanted = check_outputs(self, outputs)
         feeds = dict(zip(GRAPH_INPUTS, (input_ids, attention_mask)))
         session = self.session
         if input_ids.size > LEAN_TOKENS:
@@ -157,9 +171,9 @@ class OnnxRuntimeBackend:
                 self._lean_session = self._open(arena=False)
             session = self._lean_session
         try:
-            out = session.run([self.output_name], feeds)[0]
+            got = session.run([self._graph_outputs[name] for name in wanted], feeds)
         except Exception as exc:  # onnxruntime's own exception types: a damaged or foreign graph, or memory
             raise BackendFailed(f"{self._path}: ONNX Runtime failed running it on a {input_ids.shape[0]} x "
                                 f"{input_ids.shape[1]} batch ({type(exc).__name__}: {exc}); if the file was edited "
                                 "or damaged, export it again") from exc
-        return {self.output_name: out.astype(np.float32, copy=False)}
+        return {name: array.astype(np.float32, copy=False) for name, array in zip(wanted, got)}

@@ -265,7 +265,7 @@ def tensorrt_self_test() -> Check:
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
         with torch.no_grad():
             expected = model(ids, mask).numpy()
-        got = backend.run(ids.numpy(), mask.numpy())[backend.output_name]
+        got = backend.run(ids.numpy(), mask.numpy())["logits"]
         worst = max(worst, float(np.abs(got - expected)[mask.numpy() != 0].max()))
     status = OK if worst <= FP32_ABS_TOL else FAILED
     return Check(SELF_TEST, status, f"engine vs PyTorch on {len(SELF_TEST_CASES)} batches: max abs diff "

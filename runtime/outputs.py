@@ -1,21 +1,30 @@
-"""The outputs a caller can ask a Session (and the server) for, each derived from one raw model output.
+"""The outputs a caller can ask a Session (and the server) for, each derived from one raw backend output.
 
-| name              | from                | per sequence of n tokens        | dtype   |
-|-------------------|---------------------|---------------------------------|---------|
-| logits            | logits              | [n, vocab]                      | float32 |
-| last_logits       | logits              | [vocab], position n-1           | float32 |
-| top_k_ids         | logits              | [k], position n-1, best first   | int64   |
-| top_k_log_probs   | logits              | [k], their log-probabilities    | float32 |
-| log_probs         | logits              | [n-1]: log p(id[t+1] | id[..t]) | float32 |
-| last_hidden_state | last_hidden_state   | [n, 2*hidden]                   | float32 |
-| embedding         | last_hidden_state   | [2*hidden], mean or last        | float32 |
+Raw outputs are what a backend computes for a micro-batch (``RAW_OUTPUTS``: per position [B, L, ...] or per
+sequence [B, ...]); output kinds are what callers name. Which kinds a model offers follows from its raw outputs,
+so one name can mean what the model's task makes of it (``logits``: an LM's per-position logits, a classifier's
+class logits):
+
+| name              | task           | from              | per sequence of n tokens        | dtype   |
+|-------------------|----------------|-------------------|---------------------------------|---------|
+| logits            | lm             | logits            | [n, vocab]                      | float32 |
+| last_logits       | lm             | logits            | [vocab], position n-1           | float32 |
+| top_k_ids         | lm             | logits            | [k], position n-1, best first   | int64   |
+| top_k_log_probs   | lm             | logits            | [k], their log-probabilities    | float32 |
+| log_probs         | lm             | logits            | [n-1]: log p(id[t+1] | id[..t]) | float32 |
+| logits            | classification | class_logits      | [num_labels]                    | float32 |
+| probabilities     | classification | class_logits      | [num_labels]: softmax (sigmoid for multi-label) | float32 |
+| start_logits      | question_ans.  | start_logits      | [n]                             | float32 |
+| end_logits        | question_ans.  | end_logits        | [n]                             | float32 |
+| last_hidden_state | any (torch)    | last_hidden_state | [n, 2*hidden]                   | float32 |
+| embedding         | any (torch)    | last_hidden_state | [2*hidden], mean or last        | float32 |
 
 Whole-sequence logits of long inputs are large (512K tokens x 320 vocab = 671 MB in float32); the reduced outputs
 are computed per micro-batch, so asking only for them never holds every sequence's logits at once, and where the
 backend gives the last position's logits alone (the torch backend: ``logits_at_last``) the last-position outputs
-never compute the others. Options:
-``top_k`` (how many of the last position's best ids, default 5) and ``pooling`` (``mean`` over the sequence's
-tokens or its ``last`` token, default mean).
+never compute the others. Options: ``top_k`` (how many of the last position's best ids, default 5), ``pooling``
+(``mean`` over the sequence's tokens or its ``last`` token, default mean); ``problem_type`` is the model's (HF's
+config field), set by the Session.
 """
 
 from __future__ import annotations
@@ -26,19 +35,31 @@ from collections.abc import Callable
 import numpy as np
 
 from reformer_rt.export.metadata import BASE_OUTPUT, LM_OUTPUT
-
-#: The torch backend's last-position logits (``backends.LAST_LOGITS``; named here to keep this module a leaf).
-LAST_LOGITS = "logits_at_last"
 from reformer_rt.models import InputError, ReformerConfig
 
+#: Raw outputs -> whether they have one row per position (sliced to each sequence's length) or one per sequence.
+LAST_LOGITS = "logits_at_last"  # the LM head at each row's last valid position only: [B, 1, vocab]
+CLASS_LOGITS = "class_logits"  # a classification head's logits: [B, num_labels]
+RAW_OUTPUTS = {LM_OUTPUT: True, BASE_OUTPUT: True, LAST_LOGITS: True, CLASS_LOGITS: False, "start_logits": True,
+               "end_logits": True}
+#: A graph or engine output's raw name, by task (the classification graph's ``logits`` are class logits).
+GRAPH_TO_RAW = {("classification", LM_OUTPUT): CLASS_LOGITS}
+#: What ``Session.run`` gives when no outputs are named.
+DEFAULT_OUTPUTS = {"lm": (LM_OUTPUT,), "base": (BASE_OUTPUT,), "classification": (LM_OUTPUT,),
+                   "question_answering": ("start_logits", "end_logits")}
 POOLINGS = ("mean", "last")
 DEFAULT_TOP_K = 5
+
+
+def raw_name(task: str, graph_output: str) -> str:
+    return GRAPH_TO_RAW.get((task, graph_output), graph_output)
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputOptions:
     top_k: int = DEFAULT_TOP_K
     pooling: str = "mean"
+    problem_type: str | None = None  # the model's, for probabilities
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -68,28 +89,39 @@ def _token_log_probs(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return log_probs[np.arange(len(ids) - 1), ids[1:]].astype(np.float32)
 
 
+def _probabilities(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
+    if problem_type == "regression":
+        raise InputError("probabilities: this is a regression head (problem_type 'regression'); ask for logits")
+    if problem_type == "multi_label_classification":
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    return np.exp(_log_softmax(logits)).astype(np.float32)
+
+
 Reducer = Callable[[np.ndarray, np.ndarray, OutputOptions], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputKind:
     name: str
-    source: str  # the raw backend output it is computed from (the first of ``sources`` the backend gives)
+    source: str  # the raw output it is computed from
     dtype: type
-    dims: tuple[str, ...]  # symbolic per-sequence dims: "n" tokens, "n-1", "vocab", "hidden", "k"
-    reduce: Reducer  # (raw row [n, X], ids [n], options) -> this output for the sequence
+    dims: tuple[str, ...]  # symbolic per-sequence dims: "n" tokens, "n-1", "vocab", "hidden", "labels", "k"
+    reduce: Reducer  # (raw row: [n, X] per position or [X] per sequence, ids [n], options) -> the output
     doc: str
     cheaper: tuple[str, ...] = ()  # raw outputs that give the same result for less, preferred when available
 
     def shape(self, config: ReformerConfig) -> list[int]:
         """Per-sequence shape with -1 for what varies per request (KServe model metadata)."""
-        sizes = {"vocab": config.vocab_size, "hidden": 2 * config.hidden_size}
+        sizes = {"vocab": config.vocab_size, "hidden": 2 * config.hidden_size, "labels": config.num_labels}
         return [sizes.get(d, -1) for d in self.dims]
 
 
-OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
-    OutputKind("logits", LM_OUTPUT, np.float32, ("n", "vocab"), lambda row, ids, o: row,
-               "logits at every position"),
+def _same(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarray:
+    return row
+
+
+OUTPUT_KINDS: tuple[OutputKind, ...] = (
+    OutputKind("logits", LM_OUTPUT, np.float32, ("n", "vocab"), _same, "logits at every position"),
     OutputKind("last_logits", LM_OUTPUT, np.float32, ("vocab",), lambda row, ids, o: row[-1],
                "logits of the last position (the next-token distribution)", (LAST_LOGITS,)),
     OutputKind("top_k_ids", LM_OUTPUT, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
@@ -98,12 +130,18 @@ OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
                "log-probabilities of top_k_ids", (LAST_LOGITS,)),
     OutputKind("log_probs", LM_OUTPUT, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
                "log p(id[t+1] | id[..t]) of the given ids (scoring)"),
-    OutputKind("last_hidden_state", BASE_OUTPUT, np.float32, ("n", "hidden"), lambda row, ids, o: row,
+    OutputKind("logits", CLASS_LOGITS, np.float32, ("labels",), _same, "class logits"),
+    OutputKind("probabilities", CLASS_LOGITS, np.float32, ("labels",),
+               lambda row, ids, o: _probabilities(row, o.problem_type),
+               "class probabilities: softmax, or sigmoid for a multi-label head"),
+    OutputKind("start_logits", "start_logits", np.float32, ("n",), _same, "answer-start logit of every position"),
+    OutputKind("end_logits", "end_logits", np.float32, ("n",), _same, "answer-end logit of every position"),
+    OutputKind("last_hidden_state", BASE_OUTPUT, np.float32, ("n", "hidden"), _same,
                "final hidden states at every position"),
     OutputKind("embedding", BASE_OUTPUT, np.float32, ("hidden",),
                lambda row, ids, o: row.mean(axis=0) if o.pooling == "mean" else row[-1],
                "one vector per sequence: mean over its tokens, or its last token (pooling)"),
-)}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +163,22 @@ def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def available_outputs(raw_outputs: tuple[str, ...]) -> tuple[str, ...]:
-    """The output kinds a backend with these raw outputs can give."""
-    return tuple(name for name, kind in OUTPUT_KINDS.items() if kind.source in raw_outputs)
+    """The output kinds a backend with these raw outputs can give, in table order."""
+    return tuple(dict.fromkeys(kind.name for kind in OUTPUT_KINDS if kind.source in raw_outputs))
 
 
 def output_kind(name: str, raw_outputs: tuple[str, ...]) -> OutputKind:
-    """The kind called ``name``, computed from the cheapest raw output the backend gives, or an error listing what
-    this model gives."""
-    kind = OUTPUT_KINDS.get(name)
-    cheaper = [source for source in (kind.cheaper if kind else ()) if source in raw_outputs]
-    if kind is not None and cheaper:
-        return dataclasses.replace(kind, source=cheaper[0])
-    if kind is None or kind.source not in raw_outputs:
-        why = "unknown output" if kind is None else (
-            f"needs {kind.source}, which this model does not give (an ONNX file or engine holds only the output it "
-            "was exported with; a checkpoint directory on the torch backend gives every output)")
-        raise InputError(f"output {name!r}: {why}; expected one of {list(available_outputs(raw_outputs))}")
-    return kind
+    """The kind called ``name`` for a backend with these raw outputs, computed from the cheapest raw output it
+    gives, or an error listing what this model gives."""
+    named = [kind for kind in OUTPUT_KINDS if kind.name == name]
+    for kind in named:
+        cheaper = [source for source in kind.cheaper if source in raw_outputs]
+        if cheaper:
+            return dataclasses.replace(kind, source=cheaper[0])
+        if kind.source in raw_outputs:
+            return kind
+    why = "unknown output" if not named else (
+        f"needs {' or '.join(k.source for k in named)}, which this model does not give (an ONNX file or engine "
+        "holds only the outputs it was exported with; a checkpoint directory on the torch backend gives every "
+        "output of its model)")
+    raise InputError(f"output {name!r}: {why}; expected one of {list(available_outputs(raw_outputs))}")

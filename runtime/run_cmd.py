@@ -1,9 +1,11 @@
 """``reformer-rt run``: token ids or text in, model outputs out (JSON or NPY), through a ``Session``.
 
 Inputs: ``--ids FILE`` (JSON list of id lists, or a 2-D .npy int array) or ``--text FILE`` (repeatable; each file
-is one sequence, ``-`` reads stdin). Outputs: ``-o OUT.npy`` (the padded output array; ``OUT.lengths.npy`` beside
-it), ``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON
-summary on stdout (backend, shapes, padding waste, and for language models the bits per token of the input).
+is one sequence, ``-`` reads stdin). Outputs: the model's own (an LM's logits, a classifier's logits, QA start and
+end logits, a bare model's hidden states), or ``--embed``: ``-o OUT.npy`` (one padded output array;
+``OUT.lengths.npy`` beside it), ``-o OUT.npz`` (every output and ``lengths`` by name: what a QA model needs),
+``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON summary on
+stdout (backend, shapes, padding waste, and for language models the bits per token of the input).
 The output files are written atomically as a set: a failed or interrupted run leaves neither file new (an old pair
 stays as it was), and the output path is checked before the model runs.
 """
@@ -31,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ids", type=Path, help="JSON list of token-id lists, or a 2-D .npy array")
     source.add_argument("--text", action="append", help="text file, one sequence each (repeatable; - = stdin)")
-    p.add_argument("-o", "--output", type=Path, help="write outputs to OUT.npy or OUT.json")
+    p.add_argument("-o", "--output", type=Path, help="write outputs to OUT.npy, OUT.npz or OUT.json")
     p.add_argument("--embed", choices=("mean", "last"), help="write one embedding per sequence instead")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -80,9 +82,10 @@ def _read_texts(names: list[str], session: Session, tokenizer_dir: Path | None) 
 
 
 def _output_files(output: Path, lengths: bool) -> list[Path]:
-    """The files ``-o`` writes (``OUT.npy`` and ``OUT.lengths.npy``, or ``OUT.json``), checked before any work."""
-    if output.suffix not in (".npy", ".json"):
-        raise InputError(f"--output: got {output}; expected a .npy or .json file name")
+    """The files ``-o`` writes (``OUT.npy`` and ``OUT.lengths.npy``, or ``OUT.npz``, or ``OUT.json``), checked before
+    any work."""
+    if output.suffix not in (".npy", ".npz", ".json"):
+        raise InputError(f"--output: got {output}; expected a .npy, .npz or .json file name")
     files = [output, output.with_suffix(".lengths.npy")] if output.suffix == ".npy" and lengths else [output]
     for file in files:
         if file.is_dir():
@@ -105,15 +108,15 @@ def run(args: argparse.Namespace) -> int:
     session = Session(args.model, backend=args.backend, device=args.device,
                       max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
     sequences = _read_ids(args.ids) if args.ids else _read_texts(args.text, session, args.tokenizer)
-    if args.embed:
-        result = session.run(sequences, outputs=["embedding"], pooling=args.embed)
-        array, lengths = result["embedding"], None
-    else:
-        scoring = ["log_probs"] if session.output_name == "logits" else []
-        result = session.run(sequences, outputs=[session.output_name, *scoring])
-        array, lengths = result[session.output_name], result["lengths"]
-    summary = {"backend": session.backend, "output": "embedding" if args.embed else session.output_name,
-               "shape": list(array.shape), "padding_waste": round(result.plan.padding_waste, 4)}
+    names = ["embedding"] if args.embed else list(session.default_outputs)
+    if args.output is not None and args.output.suffix == ".npy" and len(names) > 1:
+        raise InputError(f"--output: this model gives {names}; one .npy file holds one array -- use -o OUT.npz")
+    scoring = ["log_probs"] if session.task == "lm" and not args.embed else []
+    result = session.run(sequences, outputs=[*names, *scoring], pooling=args.embed or "mean")
+    arrays = {name: result[name] for name in names}
+    lengths = None if args.embed else result["lengths"]
+    summary = {"backend": session.backend, "output": names[0] if len(names) == 1 else names,
+               "shape": list(arrays[names[0]].shape), "padding_waste": round(result.plan.padding_waste, 4)}
     if lengths is not None:
         summary["lengths"] = lengths.tolist()
         if "log_probs" in result:
@@ -122,9 +125,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         payloads: list[Payload]
         if args.output.suffix == ".npy":
-            payloads = [lambda f: np.save(f, array), lambda f: np.save(f, lengths)]
+            payloads = [lambda f: np.save(f, arrays[names[0]]), lambda f: np.save(f, lengths)]
+        elif args.output.suffix == ".npz":
+            everything = {**arrays, **({} if lengths is None else {"lengths": lengths})}
+            payloads = [lambda f: np.savez(f, **everything)]
         else:
-            payload = {"lengths": None if lengths is None else lengths.tolist(), summary["output"]: array.tolist()}
+            payload = {"lengths": None if lengths is None else lengths.tolist(),
+                       **{name: array.tolist() for name, array in arrays.items()}}
             payloads = [json.dumps(payload).encode()]
         write_files_atomic(dict(zip(_output_files(args.output, lengths is not None), payloads)), label="--output")
         summary["written"] = str(args.output)

@@ -30,14 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerLM, ReformerModel
+from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
 
 from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
+from .outputs import (
+    DEFAULT_OUTPUTS, RAW_OUTPUTS, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
+)
 from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
@@ -106,7 +108,10 @@ class Session:
         self._backend: Backend = self._open(name, kind, threads)
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
-        self.output_name: str = self._backend.output_name
+        self.task: str = self._backend.task
+        #: What ``run`` gives when no outputs are named: an LM's logits, a classifier's logits, QA start and end...
+        self.default_outputs: tuple[str, ...] = DEFAULT_OUTPUTS[self.task]
+        self.output_name: str = self.default_outputs[0]
         self.max_length: int = self._backend.max_length
         log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
 
@@ -150,9 +155,10 @@ class Session:
             top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> RunResult:
         """Outputs for N sequences (default: the model's own, ``logits`` or ``last_hidden_state``); each
         sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option."""
-        names = [self.output_name] if outputs is None else [outputs] if isinstance(outputs, str) else list(outputs)
+        names = list(self.default_outputs) if outputs is None else [outputs] if isinstance(outputs, str) \
+            else list(outputs)
         kinds = tuple(self.output_kinds(names))
-        options = OutputOptions(top_k, pooling)
+        options = self.output_options(top_k, pooling)
         seqs = self.check_sequences(sequences, attention_mask)
         results, plan = self.run_jobs([SequenceJob(seq, kinds, options) for seq in seqs])
         rows = {kind.name: [result[kind.name] for result in results] for kind in kinds}
@@ -173,10 +179,14 @@ class Session:
     def run_micro_batch(self, jobs: Sequence[SequenceJob], length: int) -> list[dict[str, np.ndarray]]:
         """ONE forward pass over jobs that share a micro-batch (``batching.py`` decides which, and ``length``), then
         each job's own outputs."""
-        sources = tuple(dict.fromkeys(kind.source for job in jobs for kind in job.kinds)) or (self.output_name,)
+        sources = tuple(dict.fromkeys(kind.source for job in jobs for kind in job.kinds)) or self._backend.outputs[:1]
         raw = self.run_batch([job.sequence for job in jobs], length, sources)
         return [{kind.name: kind.reduce(raw[kind.source][row], job.sequence, job.options) for kind in job.kinds}
                 for row, job in enumerate(jobs)]
+
+    def output_options(self, top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> OutputOptions:
+        """A caller's options, with the model's own (``problem_type``)."""
+        return OutputOptions(top_k, pooling, self.config.problem_type)
 
     def output_kinds(self, names: Sequence[str]) -> list[OutputKind]:
         """The output kinds called ``names`` (distinct, at least one), or an error listing what this model gives."""
@@ -186,14 +196,16 @@ class Session:
 
     def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
         """ONE forward pass over checked sequences that share a micro-batch (``batching.py`` decides which and
-        ``length``): each raw output in ``sources``, one unpadded [n_i, X] array per sequence."""
+        ``length``): each raw output in ``sources``, one array per sequence (per-position ones cut to its
+        length)."""
         ids = np.zeros((len(seqs), length), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, seq in enumerate(seqs):
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1
         raw = self._backend.run(ids, mask, sources)
-        return {name: [raw[name][row, :len(seq)] for row, seq in enumerate(seqs)] for name in sources}
+        return {name: [raw[name][row, :len(seq)] if RAW_OUTPUTS[name] else raw[name][row]
+                       for row, seq in enumerate(seqs)] for name in sources}
 
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:
         """One vector per sequence [N, 2*hidden]: mean over its tokens, or its last token's hidden state."""
@@ -291,7 +303,7 @@ def _as_ids(seq: Any, index: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _load_model(path: Path) -> ReformerLM | ReformerModel:
+def _load_model(path: Path) -> Reformer:
     from reformer_rt.export import load_source
 
     return load_source(path)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata
+from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
 from reformer_rt.models import InputError, ReformerConfig
 from reformer_rt.models.lsh import OP_NAME, OP_NAMESPACE, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR
 
@@ -39,6 +39,7 @@ from .engine_builder import BuildOptions, engine_for, import_plugin, import_tens
 from .engine_cache import EngineCache, EngineFileError, check_runtime_match, read_engine_file
 from .engine_profiles import BatchLength, make_profile
 from .hardware import gpu_info
+from .outputs import raw_name
 
 if TYPE_CHECKING:  # imported for real in TensorRTBackend.__init__, after import_tensorrt() has checked it
     import tensorrt as trt
@@ -73,7 +74,8 @@ class TensorRTBackend:
         torch.cuda.set_device(self.device)  # TensorRT runs on the current device, in torch's primary context
         metadata = record["metadata"]
         self.config = ReformerConfig.from_dict(metadata["config"])
-        self.output_name: str = metadata["export_options"]["output_name"]
+        self.task, graph_outputs = export_task(metadata["export_options"])
+        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> engine tensor
         self.max_length = int(metadata["export_options"]["max_length"])
         self.record = record
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -87,9 +89,9 @@ class TensorRTBackend:
         self._stream = torch.cuda.Stream(self.device)
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in self._names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if sorted(inputs) != sorted(GRAPH_INPUTS) or self.output_name not in self._names:
-            raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(GRAPH_INPUTS)} and output "
-                                  f"{self.output_name!r} (an engine built by reformer-rt build)")
+        if sorted(inputs) != sorted(GRAPH_INPUTS) or not set(graph_outputs) <= set(self._names):
+            raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(GRAPH_INPUTS)} and outputs "
+                                  f"{list(graph_outputs)} (an engine built by reformer-rt build)")
         low, _, high = self._engine.get_tensor_profile_shape(GRAPH_INPUTS[0], 0)
         self.min_shape, self.max_shape = BatchLength(low[0], low[1]), BatchLength(high[0], high[1])
         self._shape: tuple[int, int] | None = None
@@ -116,17 +118,18 @@ class TensorRTBackend:
     # --------------------------------------------------------------------------------------------- inference
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (self.output_name,)
+        return tuple(self._graph_outputs)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """int64 [B, L] ids and mask -> ``{output_name: float32 [B, L, X]}`` (the engine has one output)."""
-        check_outputs(self, outputs)
-        return {self.output_name: self.run_torch(input_ids, attention_mask).float().cpu().numpy()}
+        """int64 [B, L] ids and mask -> ``{raw output: float32 array}`` for the requested engine outputs."""
+        wanted = check_outputs(self, outputs)
+        tensors = self.run_torch(input_ids, attention_mask)
+        return {name: tensors[self._graph_outputs[name]].float().cpu().numpy() for name in wanted}
 
-    def run_torch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
-        """As ``run``, but the output stays a CUDA tensor (in the engine's output dtype), ready on the current
-        stream."""
+    def run_torch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, torch.Tensor]:
+        """Every engine output by its tensor name, as CUDA tensors (in the engine's output dtypes), ready on the
+        current stream."""
         ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise InputError(f"input_ids / attention_mask: got shapes {ids.shape} / {mask.shape}; expected the "
@@ -138,9 +141,10 @@ class TensorRTBackend:
                              f"{self.max_shape.batch}x{max(length, self.max_shape.length)}")
         step = self.max_shape.batch
         parts = [self._execute(ids[i:i + step], mask[i:i + step]) for i in range(0, ids.shape[0], step)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return {name: torch.cat([part[name] for part in parts]) if len(parts) > 1 else parts[0][name]
+                for name in parts[0]}
 
-    def _execute(self, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    def _execute(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
         rows = ids.shape[0]
         if rows < self.min_shape.batch:  # pad with copies of the last row; rows are independent
             extra = self.min_shape.batch - rows
@@ -151,10 +155,12 @@ class TensorRTBackend:
             buffers[GRAPH_INPUTS[1]].copy_(torch.from_numpy(np.ascontiguousarray(mask)))
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
-            result = buffers[self.output_name][:rows].clone()  # the buffer is reused by the next call
+            # the buffers are reused by the next call
+            result = {name: buffers[name][:rows].clone() for name in self._graph_outputs.values()}
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self._stream)
-        result.record_stream(current)
+        for tensor in result.values():
+            tensor.record_stream(current)
         return result
 
     def _bind(self, shape: tuple[int, int]) -> dict[str, torch.Tensor]:

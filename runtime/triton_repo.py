@@ -73,21 +73,26 @@ def python_config(name: str, source: Path, backend: str, device: str | None, que
 
 
 def onnxruntime_config(name: str, onnx_path: Path) -> Any:
-    """The onnxruntime-backend ``ModelConfig`` of a portable export."""
-    from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata
+    """The onnxruntime-backend ``ModelConfig`` of a portable export: its graph outputs, per-sequence dims."""
+    from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
     from reformer_rt.models import ReformerConfig
 
+    from .outputs import RAW_OUTPUTS, raw_name
     from .serving.model import MAX_SEQUENCES_PER_REQUEST
 
     pb = _config_pb()
     meta = export_metadata(onnx_path, attention="portable")
     model_config = ReformerConfig.from_dict(meta["config"])
-    output = meta["export_options"]["output_name"]
-    width = model_config.vocab_size if output == "logits" else 2 * model_config.hidden_size
+    task, outputs = export_task(meta["export_options"])
+    widths = {"lm": model_config.vocab_size, "base": 2 * model_config.hidden_size,
+              "classification": model_config.num_labels}
     config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=MAX_SEQUENCES_PER_REQUEST)
     for graph_input in GRAPH_INPUTS:
         config.input.add(name=graph_input, data_type=pb.DataType.TYPE_INT64, dims=[-1])
-    config.output.add(name=output, data_type=pb.DataType.TYPE_FP32, dims=[-1, width])
+    for output in outputs:
+        per_position = RAW_OUTPUTS[raw_name(task, output)]
+        dims = ([-1] if per_position else []) + ([widths[task]] if task in widths else [])
+        config.output.add(name=output, data_type=pb.DataType.TYPE_FP32, dims=dims)
     return config
 
 

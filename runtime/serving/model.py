@@ -9,8 +9,9 @@ sequences one request may carry):
 * or ``text`` BYTES ``[N]`` / ``[N, 1]``: UTF-8 strings, tokenized by the model's tokenizer (offered when it has
   one).
 
-Outputs, chosen by name (``outputs.py`` defines them; none named: the model's primary output), batch first and
-zero-padded across a ragged batch, plus ``lengths`` INT64 ``[N]`` (tokens per sequence). Request parameters:
+Outputs, chosen by name (``outputs.py`` defines them, per task: an LM's logits and scores, a classifier's logits and
+probabilities, QA start/end logits, hidden states and embeddings; none named: the model's default outputs), batch
+first and zero-padded across a ragged batch, plus ``lengths`` INT64 ``[N]`` (tokens per sequence). Request parameters:
 ``top_k``, ``pooling``, ``priority`` (lower is served first; 0 = the server's default level) and ``timeout``
 (microseconds a request may wait in the queue), as tritonclient sends them.
 """
@@ -128,12 +129,12 @@ class ServedModel:
         if len(sequences) > MAX_SEQUENCES_PER_REQUEST:
             raise BadRequest(f"inputs: {len(sequences)} sequences; expected at most {MAX_SEQUENCES_PER_REQUEST} per "
                              "request (send several requests: the server batches them)")
-        names = list(request.outputs) if request.outputs is not None else [self.session.output_name]
+        names = list(request.outputs) if request.outputs is not None else list(self.session.default_outputs)
         with_lengths = LENGTHS_OUTPUT in names
         names = [n for n in names if n != LENGTHS_OUTPUT]
         params = request.parameters
-        options = OutputOptions(_int_parameter(params, "top_k", OutputOptions.top_k, 1),
-                                params.get("pooling", OutputOptions.pooling))
+        options = self.session.output_options(_int_parameter(params, "top_k", OutputOptions.top_k, 1),
+                                              params.get("pooling", OutputOptions.pooling))
         priority = _int_parameter(params, "priority", 0, 0) or default_priority
         timeout = _int_parameter(params, "timeout", None, 0)
         kinds = self.session.output_kinds(names) if names else []
