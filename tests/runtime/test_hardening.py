@@ -91,7 +91,7 @@ CASES: list[tuple[str, list[str], Callable[[Path, Path], object] | None, tuple[s
     ("run: --device banana", ["run", "{onnx}", "--ids", "{tmp}/ids.json", "--device", "banana"],
      lambda tmp, ckpt: (tmp / "ids.json").write_text("[[5]]"), ("banana",)),
     ("run: -o a directory", ["run", "{onnx}", "--ids", "{tmp}/ids.json", "-o", "{tmp}"],
-     lambda tmp, ckpt: (tmp / "ids.json").write_text("[[5]]"), (".npy or .json",)),
+     lambda tmp, ckpt: (tmp / "ids.json").write_text("[[5]]"), (".npy, .npz or .json",)),
     ("run: over the maximum length", ["run", "{onnx}", "--ids", "{tmp}/ids.json"],
      lambda tmp, ckpt: (tmp / "ids.json").write_text(json.dumps([[5] * 129])), ("at most 128",)),
     ("bench: --out is a file", ["bench", "{ckpt}", "--out", "{tmp}/ids.json", "--lengths", "16"],
