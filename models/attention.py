@@ -1,8 +1,10 @@
 """Reformer self-attention modules: LSH (through the op contract) and chunked local attention.
 
 Parameter names match transformers' ``LSHSelfAttention`` / ``LocalSelfAttention`` so checkpoints load as they
-are. Inference semantics only (no dropout, no incremental-decoding cache). Shapes: x [B, L, hidden],
-heads [B, H, L, D], chunked [B, H, n_chunks, chunk, D].
+are. Inference semantics only (no dropout). Besides ``forward`` (a whole sequence), each module has the two halves
+of incremental decoding: ``prefill`` (``forward`` that also fills the layer's cache) and ``step`` (one new token
+per row against that cache; HF's cached path, see ``cache.py``). Shapes: x [B, L, hidden], heads [B, H, L, D],
+chunked [B, H, n_chunks, chunk, D].
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import math
 import torch
 from torch import nn
 
+from .cache import LocalCache, LSHCache
 from .config import ReformerConfig
-from .lsh import MASK_VALUE, LSHAttrs, look_around, make_rotations
+from .lsh import MASK_VALUE, LSHAttrs, look_around, lsh_hash, make_rotations
 from .lsh_op import lsh_attention
 
 
@@ -63,6 +66,28 @@ class LSHSelfAttention(nn.Module):
         v = _split_heads(self.value(x), self.heads, self.head_dim)
         return _merge_heads(lsh_attention(qk, v, self.rotations, mask, self.attrs))
 
+    def empty_cache(self, batch: int, capacity: int, prompt_capacity: int, like: torch.Tensor) -> LSHCache:
+        base = max(prompt_capacity, self.attrs.chunk_length + 1)  # a layer may hash chunk + 1 tokens at once
+        return LSHCache.empty(batch, self.heads, capacity, base, self.head_dim, self.attrs, like)
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor, length: int, cache: LSHCache,
+                rows: torch.Tensor) -> torch.Tensor:
+        """``forward`` over a padded prompt of ``length`` tokens, storing its qk, values and buckets in ``rows``."""
+        qk = _split_heads(self.query_key(x), self.heads, self.head_dim)
+        v = _split_heads(self.value(x), self.heads, self.head_dim)
+        out = lsh_attention(qk, v, self.rotations, mask, self.attrs)
+        hashed = x.shape[1] > self.attrs.chunk_length  # HF's standard (unhashed) path otherwise
+        buckets = lsh_hash(qk, self.rotations, mask, self.attrs) if hashed else None
+        cache.write_prompt(rows, length, qk, v, buckets, self.attrs)
+        return _merge_heads(out)
+
+    def step(self, x: torch.Tensor, cache: LSHCache, lengths: torch.Tensor, host_lengths: list[int]) -> torch.Tensor:
+        """x [B,1,hidden] of one new token per row at positions ``lengths`` [B] -> [B,1,H*D]."""
+        qk = self.query_key(x).view(x.shape[0], self.heads, self.head_dim)  # [B,1,H*D] -> [B,H,D]
+        v = self.value(x).view(x.shape[0], self.heads, self.head_dim)
+        out = cache.attend(qk, v, lengths, host_lengths, self.rotations, self.attrs)  # [B,H,D]
+        return out.to(x.dtype).reshape(x.shape[0], 1, self.heads * self.head_dim)
+
 
 class LocalSelfAttention(nn.Module):
     """Attention within fixed chunks of ``local_attn_chunk_length`` plus neighbour chunks (wrapping, as HF)."""
@@ -80,11 +105,18 @@ class LocalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B,L,hidden], mask [B,L] (nonzero = token) -> [B,L,H*D]."""
-        batch, length, _ = x.shape
+        return self._attend(*self._project(x), mask)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,L,hidden] -> q, k / sqrt(D), v, each [B,H,L,D]."""
         q = _split_heads(self.query(x), self.heads, self.head_dim)
         k = _split_heads(self.key(x), self.heads, self.head_dim) / math.sqrt(self.head_dim)
         v = _split_heads(self.value(x), self.heads, self.head_dim)
-        positions = torch.arange(length, device=x.device)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = q.shape
+        positions = torch.arange(length, device=q.device)
         valid = (mask != 0)[:, None, :]  # [B,1,L]
         if length > self.chunk:
             n_chunks = length // self.chunk
@@ -104,3 +136,20 @@ class LocalSelfAttention(nn.Module):
         probs = torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True))
         out = torch.matmul(probs, v)
         return _merge_heads(out.reshape(batch, self.heads, length, self.head_dim))
+
+    def empty_cache(self, batch: int, capacity: int, prompt_capacity: int, like: torch.Tensor) -> LocalCache:
+        return LocalCache.empty(batch, self.heads, capacity, self.head_dim, like)
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor, length: int, cache: LocalCache,
+                rows: torch.Tensor) -> torch.Tensor:
+        """``forward`` over a padded prompt of ``length`` tokens, storing its keys and values in ``rows``."""
+        q, k, v = self._project(x)
+        cache.write_prompt(rows, length, k, v)
+        return self._attend(q, k, v, mask)
+
+    def step(self, x: torch.Tensor, cache: LocalCache, lengths: torch.Tensor,
+             host_lengths: list[int]) -> torch.Tensor:
+        """x [B,1,hidden] of one new token per row at positions ``lengths`` [B] -> [B,1,H*D]."""
+        q, k, v = (t[:, :, 0] for t in self._project(x))  # [B,H,D] each
+        out = cache.attend(q, k, v, lengths, self.chunk, self.before)
+        return out.to(x.dtype).reshape(x.shape[0], 1, self.heads * self.head_dim)

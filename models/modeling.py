@@ -41,9 +41,12 @@ class AxialPositionEmbeddings(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(torch.ones(s0, 1, d0)), nn.Parameter(torch.ones(1, s1, d1))])
 
     def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        positions = torch.arange(length, device=device)
-        rows = self.weights[0][positions // self.columns, 0]  # [L, d0]
-        cols = self.weights[1][0, positions % self.columns]  # [L, d1]
+        return self.at(torch.arange(length, device=device))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of arbitrary positions [...] -> [..., hidden] (the cached decoding path's one new token)."""
+        rows = self.weights[0][positions // self.columns, 0]  # [..., d0]
+        cols = self.weights[1][0, positions % self.columns]  # [..., d1]
         return torch.cat([rows, cols], dim=-1)
 
 
@@ -53,7 +56,11 @@ class PositionEmbeddings(nn.Module):
         self.embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        return self.embedding(torch.arange(length, device=device))
+        return self.at(torch.arange(length, device=device))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of arbitrary positions [...] -> [..., hidden]."""
+        return self.embedding(positions)
 
 
 class ReformerEmbeddings(nn.Module):
