@@ -25,6 +25,7 @@ COMMANDS = (
     "reformer_rt.runtime.demo",
     "reformer_rt.runtime.export_cmd",
     "reformer_rt.runtime.run_cmd",
+    "reformer_rt.runtime.generate_cmd",
     "reformer_rt.runtime.serve_cmd",
     "reformer_rt.runtime.bench",
     "reformer_rt.runtime.build_cmd",
@@ -33,7 +34,8 @@ COMMANDS = (
 
 
 #: Two-word commands whose first word is also a command of its own, -> the module providing the second word.
-NESTED = {("bench", "serve"): "reformer_rt.runtime.bench_serve"}
+NESTED = {("bench", "serve"): "reformer_rt.runtime.bench_serve",
+          ("bench", "generate"): "reformer_rt.runtime.bench_generate"}
 #: OS errors that are the machine's answer, not a bug: reported like a ``ReformerError`` wherever they surface.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 

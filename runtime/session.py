@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
 
+from . import generation
 from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
@@ -236,6 +237,21 @@ class Session:
                 raise InputError(f"sequence {i}: token id {low if low < 0 else high}; expected ids in "
                                  f"[0, {vocab - 1}]")
         return seqs
+
+    def generate(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids: Sequence[int] = ()) -> generation.GenerationResult:
+        """New tokens for each prompt by cached decoding, batched, on the torch backend (``generation.py``)."""
+        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
+        return generation.generate(self._backend, self.check_sequences(prompts), options, self.max_tokens_per_batch)
+
+    def generate_stream(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
+                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        stop_ids: Sequence[int] = ()) -> Iterator[generation.TokenEvent]:
+        """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; arguments are checked at the call."""
+        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
+        return generation.generate_stream(self._backend, self.check_sequences(prompts), options,
+                                          self.max_tokens_per_batch)
 
 
 def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:

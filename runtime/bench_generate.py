@@ -1,0 +1,288 @@
+"""``reformer-rt bench generate``: per-token latency of generation vs prompt length, ours cached vs transformers
+cached vs ours without a cache.
+
+    reformer-rt bench generate                                    # both models, prompts of 1K / 16K / 64K tokens
+    reformer-rt bench generate --lengths 1024,4096 --steps 8 --models demo
+
+For each model (``--models``: ``crime-and-punishment`` -- the architecture of ``reformer-rt bench`` with random
+weights --, ``demo`` -- the bundled model --, or a checkpoint directory), prompt length and variant, one fresh
+worker process (its own peak memory, no warm caches) loads the model, warms up on a short prompt, then:
+
+* ``cached``: our prefill of the prompt, then ``--steps`` greedy cached steps (``models/decoding.py``);
+* ``hf``: transformers' ``ReformerModelWithLMHead`` on the same weights, the same way (``use_cache=True``,
+  ``past_buckets_states``: what its ``generate`` calls), when transformers is installed;
+* ``recompute``: our forward over the whole sequence for each new token, ``--recompute-steps`` times.
+
+Per-token time is the median over the steps after two warm-up steps (recompute: over every step). The report
+gives each point, ours / transformers per token, and per variant the slope of per-token time against prompt
+length (a least-squares fit, ms per 1K prompt tokens) with the ratio of the longest to the shortest prompt's
+time. Writes ``generate.json`` into ``--out`` (atomically) and prints a markdown table with the machine; exits 1
+when a point failed (2 when every failure is a user error; each is recorded). Timings are of the machine as it is: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from reformer_rt.models import InputError, ReformerConfig, ReformerLM
+from reformer_rt.models.errors import os_error_hint
+from reformer_rt.models.checkpoint import CONFIG_FILE
+from reformer_rt.models.decoding import DecodeCache, prefill, step
+
+from .artifacts import write_files_atomic
+from .bench import (CRIME_AND_PUNISHMENT, USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes,
+                    _versions, parse_ints)
+from .demo import demo_model_dir
+from .hardware import machine_name
+
+VARIANTS = ("cached", "hf", "recompute")
+NAMED_MODELS = ("crime-and-punishment", "demo")
+WARMUP_STEPS = 2
+WARMUP_PROMPT = 128
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="per-token generation latency vs prompt length, with transformers",
+                              description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--models", default=",".join(NAMED_MODELS),
+                   help="comma-separated: crime-and-punishment, demo, or checkpoint directories")
+    p.add_argument("--lengths", default="1024,16384,65536", help="comma-separated prompt lengths")
+    p.add_argument("--steps", type=int, default=16, help="timed cached steps per point (default 16)")
+    p.add_argument("--recompute-steps", type=int, default=2, help="timed tokens of the recompute variant")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: cached, hf, recompute")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of every worker (default: all)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--quiet", action="store_true", help="no line per point on stderr")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------------------- worker
+def _worker(spec: dict) -> dict:
+    """One point in this (fresh) process."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    config = ReformerConfig.from_json_file(Path(spec["checkpoint"]) / CONFIG_FILE)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (1, spec["length"]), generator=generator)
+    warmup = prompt[:, :WARMUP_PROMPT]
+    timing = {"cached": _time_cached, "hf": _time_hf, "recompute": _time_recompute}[spec["variant"]]
+    prefill_s, step_s = timing(spec, prompt, warmup)
+    return {"model": spec["model"], "variant": spec["variant"], "length": spec["length"],
+            "per_token_ms": 1e3 * statistics.median(step_s), "prefill_s": prefill_s, "steps": len(step_s),
+            "peak_gb": _peak_rss_bytes() / 1e9}
+
+
+def _steps(count: int, run_step: Callable[[], None]) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _time_cached(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+    model = ReformerLM.from_pretrained(spec["checkpoint"])
+    total = WARMUP_STEPS + spec["steps"]
+    with torch.inference_mode():
+        for ids in (warmup, prompt):
+            cache = DecodeCache.empty(model, 1, ids.shape[1] + total + 1, ids.shape[1])
+            start = time.perf_counter()
+            token = [prefill(model, cache, [0], ids).argmax(-1)]
+            prefill_s = time.perf_counter() - start
+
+            def one() -> None:
+                token[0] = step(model, cache, token[0]).argmax(-1)
+
+            times = _steps(total, one)
+    return prefill_s, times[WARMUP_STEPS:]
+
+
+def _time_hf(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+    import transformers
+
+    model = transformers.ReformerModelWithLMHead.from_pretrained(spec["checkpoint"]).eval()
+    total = WARMUP_STEPS + spec["steps"]
+    with torch.no_grad():
+        for ids in (warmup, prompt):
+            start = time.perf_counter()
+            out = model(ids, use_cache=True)
+            prefill_s = time.perf_counter() - start
+            state = [out.past_buckets_states, out.logits[:, -1:].argmax(-1)]
+
+            def one() -> None:
+                result = model(state[1], past_buckets_states=state[0], use_cache=True)
+                state[:] = [result.past_buckets_states, result.logits[:, -1:].argmax(-1)]
+
+            times = _steps(total, one)
+    return prefill_s, times[WARMUP_STEPS:]
+
+
+def _time_recompute(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+    model = ReformerLM.from_pretrained(spec["checkpoint"])
+    with torch.inference_mode():
+        model(warmup)
+        sequence = [prompt]
+
+        def one() -> None:
+            token = model(sequence[0])[:, -1].argmax(-1, keepdim=True)
+            sequence[0] = torch.cat([sequence[0], token], dim=1)
+
+        times = _steps(spec["recompute_steps"], one)
+    return times[0], times
+
+
+def _measure(spec: dict) -> dict:
+    """One point in a fresh worker process: its measurement, or its error."""
+    command = [sys.executable, "-m", "reformer_rt.runtime.bench_generate", "--worker", json.dumps(spec)]
+    point = {"model": spec["model"], "variant": spec["variant"], "length": spec["length"]}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {**point, "error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**point, "error": tail.removeprefix(USER_ERROR_PREFIX), "exit_code": done.returncode}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per (model, variant): least-squares slope of per-token ms vs prompt length (ms per 1K tokens), and the
+    ratio of the longest prompt's per-token time to the shortest's (linear growth gives the length ratio)."""
+    out: dict[str, dict[str, float]] = {}
+    for key in sorted({(r["model"], r["variant"]) for r in rows}):
+        points = sorted((r["length"], r["per_token_ms"]) for r in rows
+                        if (r["model"], r["variant"]) == key and "per_token_ms" in r)
+        if len(points) < 2:
+            continue
+        xs, ys = [p[0] / 1e3 for p in points], [p[1] for p in points]
+        mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+        out[f"{key[0]} {key[1]}"] = {"ms_per_1k_prompt_tokens": slope, "longest_over_shortest": ys[-1] / ys[0],
+                                     "length_ratio": points[-1][0] / points[0][0]}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (model, prompt length): per-token ms of each variant and ours / transformers."""
+    found = {(r["model"], r["length"], r["variant"]): r for r in rows}
+    lines = ["| model | prompt | ours cached (ms/token) | transformers cached | ours recompute | ours / transformers "
+             "| prefill ours / transformers (s) |", "|---|---|---|---|---|---|---|"]
+    for model, length in dict.fromkeys((r["model"], r["length"]) for r in rows):
+        cells = []
+        for variant in VARIANTS:
+            r = found.get((model, length, variant))
+            cells.append("-" if r is None else f"failed: {r['error']}" if "error" in r else f"{r['per_token_ms']:.1f}")
+        ours, hf = found.get((model, length, "cached"), {}), found.get((model, length, "hf"), {})
+        ratio = f"{ours['per_token_ms'] / hf['per_token_ms']:.2f}x" if "per_token_ms" in ours and \
+            "per_token_ms" in hf else "-"
+        prefill = " / ".join(f"{r['prefill_s']:.2f}" if "prefill_s" in r else "-" for r in (ours, hf))
+        lines.append(f"| {model} | {length:,} | {' | '.join(cells)} | {ratio} | {prefill} |")
+    return "\n".join(lines)
+
+
+def _models(text: str, tmp: Path) -> dict[str, Path]:
+    """Model name -> checkpoint directory (the crime-and-punishment one is written with random weights)."""
+    out = {}
+    for name in (m.strip() for m in text.split(",") if m.strip()):
+        if name == "crime-and-punishment":
+            torch.manual_seed(0)
+            out[name] = tmp / "crime-and-punishment"
+            ReformerLM(CRIME_AND_PUNISHMENT).save_pretrained(out[name])
+        elif name == "demo":
+            out[name] = demo_model_dir()
+        elif Path(name).is_dir():
+            out[name] = Path(name)
+        else:
+            raise InputError(f"--models: got {name!r}; expected {' or '.join(NAMED_MODELS)} or a checkpoint directory")
+    if not out:
+        raise InputError("--models: got none; expected at least one model")
+    return out
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    lengths = parse_ints(args.lengths, "--lengths")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        raise InputError(f"--variants: got {args.variants!r}; expected some of {', '.join(VARIANTS)}")
+    if args.steps < 1 or args.recompute_steps < 1 or args.threads < 0:
+        raise InputError(f"--steps / --recompute-steps / --threads: got {args.steps} / {args.recompute_steps} / "
+                         f"{args.threads}; expected >= 1 / >= 1 / >= 0 (0 = all cores)")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out: {args.out} is a file; expected a directory (created if missing)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out: cannot create the directory {args.out} ({os_error_hint(exc)})") from exc
+    return lengths, variants
+
+
+def _check_lengths(models: dict[str, Path], lengths: list[int], steps: int) -> None:
+    for name, path in models.items():
+        config = ReformerConfig.from_json_file(path / CONFIG_FILE)
+        limit = config.max_input_length - WARMUP_STEPS - steps - 1
+        if max(lengths) > limit:
+            raise InputError(f"--lengths: got {max(lengths):,} for {name}; expected at most {limit:,} (its "
+                             "maximum input length, less the tokens generated)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    lengths, variants = _check_arguments(args)
+    if "hf" in variants and not _has_transformers():
+        variants.remove("hf")
+        print("reformer-rt bench generate: transformers is not installed; no hf variant", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="reformer-rt-bench-generate-") as tmp:
+        models = _models(args.models, Path(tmp))
+        _check_lengths(models, lengths, max(args.steps, args.recompute_steps))
+        for name, path in models.items():
+            for length in lengths:
+                for variant in variants:
+                    spec = {"model": name, "checkpoint": str(path), "length": length, "variant": variant,
+                            "steps": args.steps, "recompute_steps": args.recompute_steps, "threads": args.threads}
+                    rows.append(_measure(spec))
+                    if not args.quiet:
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    report = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
+              "python": platform.python_version(), "versions": _versions(), "threads": args.threads,
+              "rows": rows, "slopes": slopes(rows)}
+    write_files_atomic({args.out / "generate.json": (json.dumps(report, indent=2) + "\n").encode()}, label="--out")
+    print(f"machine: {report['machine']}, {report['date']}\n\n{table(rows)}\n")
+    for key, fit in report["slopes"].items():
+        print(f"{key}: {fit['ms_per_1k_prompt_tokens']:+.3f} ms per 1K prompt tokens; longest/shortest "
+              f"{fit['longest_over_shortest']:.2f}x for {fit['length_ratio']:.0f}x the prompt")
+    print(f"wrote {args.out / 'generate.json'}")
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return 0
+    first = failed[0]
+    message = (f"{len(failed)} of {len(rows)} points failed (first: {first['model']} {first['variant']} "
+               f"{first['length']}: {first['error']}); {args.out / 'generate.json'} records each")
+    if all(r.get("exit_code") == 2 for r in failed):
+        raise InputError(message)
+    print(f"reformer-rt bench generate: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["bench", "generate", *sys.argv[1:]]))

@@ -1,0 +1,191 @@
+"""``Session.generate`` / ``generate_stream`` and ``reformer-rt generate``: ragged batches equal each prompt alone,
+seeded sampling, stop ids, streamed events, and the errors a caller can cause."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from reformer_rt.models import ConfigError, InputError, ReformerConfig, ReformerLM
+from reformer_rt.models.tokenizer import ByteTokenizer
+from reformer_rt.runtime import Session
+from reformer_rt.runtime.errors import BackendUnavailable
+from reformer_rt.runtime.generate_cmd import TextStream
+from reformer_rt.runtime.generation import TokenEvent
+
+CONFIG = ReformerConfig(
+    vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
+    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(16, 32), axial_pos_embds_dim=(8, 24),
+    max_position_embeddings=512, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
+    num_buckets=(4, 4), hash_seed=1, is_decoder=True)
+LENGTHS = [70, 5, 16, 33]  # padded prompts, one shorter than a chunk, one exactly a chunk (and prompt 0 again)
+SAMPLING = dict(strategy="sample", temperature=0.9, top_k=12, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Session:
+    torch.manual_seed(0)
+    model = ReformerLM(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    directory = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(directory)
+    return Session(directory, backend="torch", device="cpu")
+
+
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in LENGTHS]
+    return [*prompts, prompts[0]]
+
+
+def test_greedy_batch_equals_each_prompt_alone(session: Session) -> None:
+    prompts = _prompts()
+    result = session.generate(prompts, 24)
+    assert result.finish_reasons == ("length",) * len(prompts)
+    assert [len(t) for t in result.tokens] == [24] * len(prompts)
+    assert result.tokens[0] == result.tokens[4]  # the same prompt twice
+    for i, prompt in enumerate(prompts):
+        assert session.generate([prompt], 24).tokens[0] == result.tokens[i]
+    assert result.prefill_s > 0 and result.decode_s > 0 and result.tokens_per_s > 0
+
+
+def test_sampling_is_seeded_per_prompt(session: Session) -> None:
+    prompts = _prompts()
+    first = session.generate(prompts, 20, seed=7, **SAMPLING)
+    assert session.generate(prompts, 20, seed=7, **SAMPLING).tokens == first.tokens
+    assert session.generate(prompts, 20, seed=8, **SAMPLING).tokens != first.tokens
+    for i, prompt in enumerate(prompts):  # prompt i draws from seed + i, whatever shares its batch
+        assert session.generate([prompt], 20, seed=7 + i, **SAMPLING).tokens[0] == first.tokens[i]
+
+
+def test_stop_ids_end_their_prompt_and_the_batch_carries_on(session: Session) -> None:
+    prompts = _prompts()
+    free = session.generate(prompts, 16)
+    stop = free.tokens[1][3]  # prompt 1 produces it at step 3 (or earlier)
+    result = session.generate(prompts, 16, stop_ids=[stop])
+    for tokens, free_tokens, reason in zip(result.tokens, free.tokens, result.finish_reasons):
+        cut = free_tokens.index(stop) + 1 if stop in free_tokens else len(free_tokens)
+        assert tokens == free_tokens[:cut]
+        assert reason == ("stop" if stop in free_tokens else "length")
+    assert result.finish_reasons[1] == "stop" and len(result.tokens[1]) <= 4
+
+
+def test_stream_yields_every_token_as_an_event(session: Session) -> None:
+    prompts = _prompts()[:3]
+    events = list(session.generate_stream(prompts, 5, seed=1, **SAMPLING))
+    result = session.generate(prompts, 5, seed=1, **SAMPLING)
+    assert all(isinstance(e, TokenEvent) for e in events)
+    assert [(e.step, e.prompt) for e in events] == [(s, p) for s in range(5) for p in range(3)]
+    for i in range(3):
+        mine = [e for e in events if e.prompt == i]
+        assert tuple(e.token for e in mine) == result.tokens[i]
+        assert [e.finished for e in mine] == [False] * 4 + [True]
+        assert mine[-1].reason == "length" and mine[0].reason is None
+    with pytest.raises(InputError, match="top_k"):
+        session.generate_stream(prompts, 5, top_k=-1)  # checked at the call, not at the first event
+
+
+def test_small_token_budget_decodes_in_several_batches(session: Session) -> None:
+    prompts = _prompts()
+    whole = session.generate(prompts, 10)
+    session.max_tokens_per_batch, budget = 100, session.max_tokens_per_batch
+    try:
+        split = session.generate(prompts, 10)
+    finally:
+        session.max_tokens_per_batch = budget
+    assert (split.tokens, split.finish_reasons) == (whole.tokens, whole.finish_reasons)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=10, strategy="beam"), "strategy"),
+    (dict(max_new_tokens=10, temperature=0), "temperature"),
+    (dict(max_new_tokens=10, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=10, top_k=2.5), "top_k"),
+    (dict(max_new_tokens=10, seed=-1), "seed"),
+    (dict(max_new_tokens=10, stop_ids=["a"]), "stop_ids"),
+    (dict(max_new_tokens=10, stop_ids=[50]), "stop_ids"),
+    (dict(max_new_tokens=500), "max_position_embeddings"),
+])
+def test_bad_arguments_raise_input_errors(session: Session, kwargs: dict, words: str) -> None:
+    with pytest.raises(InputError, match=words):
+        session.generate([[1, 2, 3], list(range(30))], **kwargs)
+
+
+def test_other_backends_and_encoders_refuse_with_a_reason(session: Session, tmp_path) -> None:
+    from reformer_rt.export import export_onnx
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(session.path, onnx_path, attention="portable", max_length=64, validate=False, log=None)
+    with pytest.raises(BackendUnavailable, match="torch backend"):
+        Session(onnx_path, backend="onnxruntime").generate([[1, 2, 3]], 4)
+    encoder = tmp_path / "encoder"
+    ReformerLM(ReformerConfig.from_dict({**CONFIG.to_dict(), "is_decoder": False})).save_pretrained(encoder)
+    with pytest.raises(ConfigError, match="is_decoder"):
+        Session(encoder, backend="torch").generate([[1, 2, 3]], 4)
+
+
+def test_text_stream_holds_back_a_split_character() -> None:
+    tokenizer = ByteTokenizer()
+    stream = TextStream(tokenizer)
+    ids = tokenizer.encode("aé€b")
+    pieces = [stream.push(i) for i in ids]
+    assert pieces == ["a", "", "é", "", "", "€", "b"]
+    assert stream.flush() == ""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("reformer-rt")
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_streams_ids_as_json_lines(session: Session, tmp_path) -> None:
+    prompts = _prompts()[:2]
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(prompts))
+    done = _cli("generate", str(session.path), "--ids", str(ids), "--max-new-tokens", "6", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = session.generate(prompts, 6)
+    for i in range(2):
+        assert tuple(e["token"] for e in events if e["prompt"] == i) == expected.tokens[i]
+    assert "generated 12 tokens" in done.stderr
+
+
+def test_cli_continues_text_and_reports_errors_in_one_line(tmp_path) -> None:
+    from reformer_rt.runtime.demo import demo_model_dir
+
+    done = _cli("generate", str(demo_model_dir()), "--prompt", "def ", "--max-new-tokens", "12", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("def ") and len(done.stdout.encode()) >= len("def ") + 1
+    bad = _cli("generate", str(demo_model_dir()), "--prompt", "x", "--strategy", "sample", "--top-p", "2")
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_generate_measures_every_variant_and_reports_slopes(session: Session, tmp_path) -> None:
+    """The benchmark command end to end on a tiny model (figures are not checked: benchmarks, not tests)."""
+    out = tmp_path / "bench"
+    done = _cli("bench", "generate", "--models", str(session.path), "--lengths", "40,100", "--steps", "2",
+                "--recompute-steps", "1", "--threads", "1", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "generate.json").read_text())
+    points = {(r["variant"], r["length"]): r for r in report["rows"]}
+    assert set(points) == {(v, n) for v in ("cached", "hf", "recompute") for n in (40, 100)}
+    assert all(r["per_token_ms"] > 0 and r["steps"] == (1 if v == "recompute" else 2) for (v, _), r in points.items())
+    assert set(report["slopes"]) == {f"{session.path} {v}" for v in ("cached", "hf", "recompute")}
+    assert "| ours / transformers |" in done.stdout and "ms per 1K prompt tokens" in done.stdout
+
+
+def test_bench_generate_refuses_a_prompt_longer_than_the_model(session: Session, tmp_path) -> None:
+    done = _cli("bench", "generate", "--models", str(session.path), "--lengths", "600", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "--lengths" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o" / "generate.json").exists()
