@@ -14,6 +14,9 @@ result equals its sequence run alone. Replicas: ``num_gpus=1`` each when the dev
 ``max_ongoing_requests`` and ``max_queued_requests`` (over it: 503) are deployment options. The forward pass runs
 on one worker thread per replica, so the replica's event loop (Ray's health checks) stays responsive.
 
+Generation (``generating.py``: generated outputs of v2 infer, the generate extension and its server-sent events)
+runs on the replica's worker, not through ``@serve.batch``.
+
 Known limits: HTTP only (no gRPC listener, no Triton-named Prometheus metrics: Ray Serve exposes its own);
 ``priority`` and ``timeout`` request parameters are accepted and not applied (Ray's queue has neither); the
 statistics endpoint answers 400 (counts would be one replica's). Multi-node clusters and GPU replicas have not
@@ -26,7 +29,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,12 @@ from reformer_rt.models import InputError
 from .artifacts import DEFAULT_MAX_TOKENS, max_length_of
 from .batching import bucket_length
 from .outputs import SequenceJob
+from .generation import TokenEvent
+from .serving import generating
 from .serving.model import ServedModel
 from .serving.protocol import BadRequest, InferRequest, InferResponse, PayloadTooLarge
 from .serving.routes import check_restricted, find_slot, handle, repository_index
+from .serving.scheduler import iterate_in_worker
 
 log = logging.getLogger("reformer_rt.serve")
 
@@ -119,9 +125,16 @@ class ReformerReplica:
         raise BadRequest("statistics: under Ray Serve each replica counts only its own requests; read Ray Serve's "
                          "metrics (ray_serve_* on the cluster's metrics endpoint) instead")
 
+    def _run(self, make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+        return iterate_in_worker(self._worker, make)
+
     async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
         slot = self.entry(model_name, model_version)
         request = decode()
+        generate = generating.parse_infer(slot.model, request)
+        if generate is not None:  # a generation: whole, on this replica's worker (not batched with others)
+            tokens, _ = await generating.collect(slot.model, generate, self._run)
+            return generating.infer_response(slot.model, request, generate, tokens)
         parsed = slot.model.parse(request, default_priority=0)
         config = slot.model.session.config
         items = [_Item(model_name, job, bucket_length(config, len(job.sequence))) for job in parsed.jobs()]
@@ -129,8 +142,23 @@ class ReformerReplica:
         rows = {kind.name: [r[kind.name] for r in results] for kind in parsed.kinds}
         return slot.model.respond(request, parsed, rows)
 
+    async def generate(self, model_name: str, model_version: str, body: bytes) -> dict[str, Any]:
+        slot = self.entry(model_name, model_version)
+        request = generating.parse_json(slot.model, body)
+        tokens, reasons = await generating.collect(slot.model, request, self._run)
+        return generating.json_answer(slot.model, request, tokens, reasons)
+
+    async def generate_stream(self, model_name: str, model_version: str, request: Any
+                              ) -> AsyncIterator[tuple[TokenEvent, str]]:
+        slot = self.entry(model_name, model_version)
+        if isinstance(request, bytes):
+            request = generating.parse_json(slot.model, request)
+        text = generating.TextDelta(slot.model, len(request.prompts))
+        async for event in generating.stream(slot.model, request, self._run):
+            yield event, text.add(event)
+
     async def __call__(self, request: Any) -> Any:  # a starlette Request; Ray Serve's HTTP proxy calls this
-        from starlette.responses import Response
+        from starlette.responses import Response, StreamingResponse
 
         async def read_body() -> bytes:
             declared = request.headers.get("content-length")
@@ -145,7 +173,10 @@ class ReformerReplica:
             return bytes(body)
 
         reply = await handle(self, request.method, request.url.path, request.headers, read_body)
-        return Response(reply.body, status_code=reply.status, headers={**reply.headers, REPLICA_HEADER: self.replica})
+        headers = {**reply.headers, REPLICA_HEADER: self.replica}
+        if reply.stream is not None:
+            return StreamingResponse(_chunks(reply.body, reply.stream), status_code=reply.status, headers=headers)
+        return Response(reply.body, status_code=reply.status, headers=headers)
 
     # ------------------------------------------------------------------------------------------ batching
     async def batched(self, item: _Item) -> dict[str, np.ndarray]:
@@ -167,6 +198,15 @@ class ReformerReplica:
             for i, out in zip(members, outs):
                 results[i] = out
         return results
+
+
+async def _chunks(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 def _replica_id() -> str:

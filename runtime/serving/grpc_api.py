@@ -4,7 +4,8 @@ The service class and messages are the generated ones that ship with tritonclien
 ``service_pb2``, ``model_config_pb2``), built from the published ``grpc_service.proto``. Implemented: ServerLive,
 ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelStatistics, RepositoryIndex, ModelInfer
 and ModelStreamInfer (requests of one stream run concurrently; responses come as they finish, each carrying its
-request id; an error is sent on the stream as ``error_message`` and the stream goes on). The others (repository
+request id; an error is sent on the stream as ``error_message`` and the stream goes on; a request with parameter
+``stream: true`` asking for generated outputs gets one response per token, as Triton's decoupled models send). The others (repository
 load/unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
 
 Errors abort the call with the code of ``protocol.error_status``; the restricted header, when configured, is read
@@ -19,9 +20,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .protocol import decode_grpc_request, encode_grpc_response, error_status
+from . import generating
+from .protocol import (
+    BadRequest, InferRequest, InferResponse, decode_grpc_request, encode_grpc_response, error_status,
+)
 
 if TYPE_CHECKING:
     from .server import InferenceServer
@@ -124,8 +129,11 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def one(request: Any) -> None:
             try:
-                result = await self.server.infer(request.model_name, request.model_version,
-                                                 lambda: decode_grpc_request(request))
+                decoded = decode_grpc_request(request)
+                if decoded.parameters.get("stream") is True:
+                    await self._stream_tokens(request, decoded, results)
+                    return
+                result = await self.server.infer(request.model_name, request.model_version, lambda: decoded)
                 response = encode_grpc_response(result, service_pb2)
                 await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
@@ -147,6 +155,30 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield item
         finally:
             reader.cancel()
+
+
+    async def _stream_tokens(self, request: Any, decoded: InferRequest, results: asyncio.Queue) -> None:
+        """A generation streamed as one response per token (``generating.py``)."""
+        entry = self.server.entry(request.model_name, request.model_version)
+        generate = generating.parse_infer(entry.model, decoded)
+        if generate is None:
+            raise BadRequest("parameter 'stream': streams a generation; ask for generated_ids or generated_text")
+        async for event, piece in self.server.generate_stream(request.model_name, request.model_version, generate):
+            outputs = [(generating.GENERATED_IDS, np.array([event.token], dtype=np.int64), True)]
+            if entry.model.tokenizer is not None:
+                outputs.append((generating.GENERATED_TEXT, np.array([piece.encode()], dtype=object), True))
+            response = encode_grpc_response(InferResponse(entry.model.name, entry.model.version, request.id, outputs),
+                                            service_pb2)
+            response.parameters["prompt"].int64_param = event.prompt
+            response.parameters["step"].int64_param = event.step
+            response.parameters["finished"].bool_param = event.finished
+            if event.finished:
+                response.parameters["finish_reason"].string_param = event.reason or "length"
+            await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
+        if decoded.parameters.get("triton_enable_empty_final_response") is True:
+            final = service_pb2.ModelInferResponse(model_name=entry.model.name, id=request.id)
+            final.parameters["triton_final_response"].bool_param = True
+            await results.put(service_pb2.ModelStreamInferResponse(infer_response=final))
 
 
 class _GrpcListener:

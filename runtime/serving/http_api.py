@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -23,7 +24,7 @@ log = logging.getLogger("reformer_rt.serve")
 
 
 def make_app(server: InferenceServer) -> web.Application:
-    async def dispatch(request: web.Request) -> web.Response:
+    async def dispatch(request: web.Request) -> web.StreamResponse:
         async def read_body() -> bytes:
             try:
                 return await request.read()
@@ -32,6 +33,8 @@ def make_app(server: InferenceServer) -> web.Application:
                                       "shorter sequences per request") from None
 
         reply = await handle(server, request.method, request.path, request.headers, read_body)
+        if reply.stream is not None:
+            return await _stream(request, reply.status, reply.headers, reply.body, reply.stream)
         response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
         if reply.compressible and any(c in request.headers.get("Accept-Encoding", "") for c in ("gzip", "deflate")):
             response.enable_compression()
@@ -40,6 +43,24 @@ def make_app(server: InferenceServer) -> web.Application:
     app = web.Application(client_max_size=server.options.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
+
+
+async def _stream(request: web.Request, status: int, headers: dict[str, str], first: bytes,
+                  rest: AsyncIterator[bytes]) -> web.StreamResponse:
+    """A chunked response written as its pieces come; a client that goes away ends the source (and so the
+    generation behind it)."""
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    try:
+        await response.write(first)
+        async for chunk in rest:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; closing ``rest`` below stops its work
+    finally:
+        await rest.aclose()
+    return response
 
 
 class _Site:

@@ -35,6 +35,7 @@ VERSION = "1"
 #: The most sequences one request may carry (Triton's ``max_batch_size`` in the model config).
 MAX_SEQUENCES_PER_REQUEST = 256
 LENGTHS_OUTPUT = "lengths"
+GENERATED_IDS, GENERATED_TEXT = "generated_ids", "generated_text"  # see generating.py
 _CONFIG_TYPES = {"INT64": "TYPE_INT64", "FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
 
 
@@ -82,9 +83,19 @@ class ServedModel:
             specs.append(("text", "BYTES", [1], True))
         return specs
 
+    @property
+    def can_generate(self) -> bool:
+        """Whether the model answers with new tokens (``generating.py``): a causal LM on the torch backend."""
+        session = self.session
+        return session.backend == "torch" and session.task == "lm" and session.config.is_decoder
+
     def _output_specs(self) -> list[tuple[str, str, list[int]]]:
         kinds = self.session.output_kinds(self.session.outputs)
         specs = [(k.name, "INT64" if k.dtype is np.int64 else "FP32", k.shape(self.session.config)) for k in kinds]
+        if self.can_generate:
+            specs.append((GENERATED_IDS, "INT64", [-1]))
+            if self.tokenizer is not None:
+                specs.append((GENERATED_TEXT, "BYTES", [1]))
         return [*specs, (LENGTHS_OUTPUT, "INT64", [1])]
 
     def metadata(self) -> dict[str, Any]:
@@ -112,6 +123,20 @@ class ServedModel:
     # ------------------------------------------------------------------------------------------------ requests
     def parse(self, request: InferRequest, default_priority: int) -> ParsedRequest:
         """Checked sequences, outputs and options of ``request``; ``BadRequest``/``InputError`` otherwise."""
+        sequences, batched = self.sequences_of(request)
+        names = list(request.outputs) if request.outputs is not None else list(self.session.default_outputs)
+        with_lengths = LENGTHS_OUTPUT in names
+        names = [n for n in names if n != LENGTHS_OUTPUT]
+        params = request.parameters
+        options = self.session.output_options(_int_parameter(params, "top_k", OutputOptions.top_k, 1),
+                                              params.get("pooling", OutputOptions.pooling))
+        priority = _int_parameter(params, "priority", 0, 0) or default_priority
+        timeout = _int_parameter(params, "timeout", None, 0)
+        kinds = self.session.output_kinds(names) if names else []
+        return ParsedRequest(sequences, kinds, with_lengths, options, batched, priority, timeout)
+
+    def sequences_of(self, request: InferRequest) -> tuple[list[np.ndarray], bool]:
+        """The request's sequences, checked against the model, and whether they came with a batch dimension."""
         inputs = dict(request.inputs)
         unknown = sorted(set(inputs) - {name for name, *_ in self._input_specs()})
         if unknown:
@@ -129,17 +154,7 @@ class ServedModel:
         if len(sequences) > MAX_SEQUENCES_PER_REQUEST:
             raise BadRequest(f"inputs: {len(sequences)} sequences; expected at most {MAX_SEQUENCES_PER_REQUEST} per "
                              "request (send several requests: the server batches them)")
-        names = list(request.outputs) if request.outputs is not None else list(self.session.default_outputs)
-        with_lengths = LENGTHS_OUTPUT in names
-        names = [n for n in names if n != LENGTHS_OUTPUT]
-        params = request.parameters
-        options = self.session.output_options(_int_parameter(params, "top_k", OutputOptions.top_k, 1),
-                                              params.get("pooling", OutputOptions.pooling))
-        priority = _int_parameter(params, "priority", 0, 0) or default_priority
-        timeout = _int_parameter(params, "timeout", None, 0)
-        kinds = self.session.output_kinds(names) if names else []
-        return ParsedRequest(self.session.check_sequences(sequences, mask), kinds, with_lengths, options, batched,
-                             priority, timeout)
+        return self.session.check_sequences(sequences, mask), batched
 
     @staticmethod
     def _ids(ids: np.ndarray, mask: np.ndarray | None) -> tuple[Any, bool]:

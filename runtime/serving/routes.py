@@ -11,6 +11,8 @@ deployment, ``ray_serve.py``) only move bytes in and out.
 | GET    | /v2/models/NAME[/versions/V]/config                | Triton model config (JSON of its protobuf)   |
 | GET    | /v2/models[/NAME[/versions/V]]/stats               | Triton statistics extension                  |
 | POST   | /v2/models/NAME[/versions/V]/infer                 | infer (JSON or binary tensors)               |
+| POST   | /v2/models/NAME[/versions/V]/generate              | generate extension: new tokens, JSON         |
+| POST   | /v2/models/NAME[/versions/V]/generate_stream       | the same as server-sent events, per token    |
 | POST   | /v2/repository/index                               | the served models (read-only repository)     |
 
 Every error is ``{"error": "..."}`` with its status (``protocol.error_status``), a 503 that may pass carries
@@ -25,9 +27,11 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from ..generation import TokenEvent
+from .generating import sse_event
 from .model import ServedModel
 from .protocol import (
     HEADER_LENGTH, JSON_TYPE, BadRequest, InferRequest, InferResponse, NotFound, PermissionDenied, Unauthenticated,
@@ -37,6 +41,7 @@ from .protocol import (
 log = logging.getLogger("reformer_rt.serve")
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+SSE_TYPE = "text/event-stream"
 ReadBody = Callable[[], Awaitable[bytes]]
 
 
@@ -46,6 +51,7 @@ class HttpReply:
     body: bytes = b""
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     compressible: bool = False  # an infer response: the stack may compress it when the client accepts
+    stream: AsyncIterator[bytes] | None = None  # sent after ``body``, chunk by chunk, as it comes
 
 
 class ModelSlot(Protocol):
@@ -65,6 +71,11 @@ class Host(Protocol):
 
     async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
         ...
+
+    async def generate(self, model_name: str, model_version: str, body: bytes) -> dict[str, Any]: ...
+
+    def generate_stream(self, model_name: str, model_version: str, request: Any
+                        ) -> AsyncIterator[tuple[TokenEvent, str]]: ...
 
     def server_metadata(self) -> dict[str, Any]: ...
 
@@ -160,6 +171,34 @@ async def _infer(host: Host, match: Match, headers: Mapping[str, str], read: Rea
     return HttpReply(200, payload, reply_headers, compressible=True)
 
 
+async def _generate(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
+    host.entry(match["model"], match["version"])
+    return _json(await host.generate(match["model"], match["version"], await read()))
+
+
+async def _generate_stream(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
+    """Server-sent events: the first token is awaited here, so a bad request still gets its 4xx; an error after
+    that arrives as a last event ``data: {"error": ...}``."""
+    slot = host.entry(match["model"], match["version"])
+    events = host.generate_stream(match["model"], match["version"], await read())
+    first = await anext(events)
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            async for event, piece in events:
+                yield sse_event(slot.model, event, piece)
+        except Exception as exc:  # the status line is gone: the error becomes the stream's last event
+            status = error_status(exc)
+            if status.internal:
+                log.error("generate_stream failed", exc_info=exc)
+            yield f"data: {json.dumps({'error': status.message})}\n\n".encode()
+        finally:
+            await events.aclose()
+
+    return HttpReply(200, sse_event(slot.model, *first), {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"},
+                     stream=rest())
+
+
 async def _repository_index(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
     body = await read()
     try:
@@ -184,6 +223,8 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple((method, re.com
     ("GET", _MODEL + r"/config", _model_config),
     ("GET", _MODEL + r"/stats", _stats),
     ("POST", _MODEL + r"/infer", _infer),
+    ("POST", _MODEL + r"/generate", _generate),
+    ("POST", _MODEL + r"/generate_stream", _generate_stream),
 ))
 
 

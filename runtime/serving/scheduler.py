@@ -22,7 +22,8 @@ import concurrent.futures
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +32,8 @@ from ..outputs import SequenceJob
 from .metrics import Metrics
 from .model import ParsedRequest, ServedModel
 from .protocol import Unavailable
+
+T = TypeVar("T")
 
 Rows = dict[str, list[np.ndarray]]
 
@@ -93,6 +96,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._iterations = 0  # generations (``iterate``) running or waiting for the worker
         self._task: asyncio.Task | None = None
         self.accepting = True
 
@@ -131,6 +135,20 @@ class Scheduler:
                 job.future.cancel()  # its queued sequences are dropped; a running batch finishes unobserved
                 self._forget(job)
             raise
+
+    async def iterate(self, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+        """The items of ``make()`` -- a generation -- produced on the worker thread one at a time, forward passes of
+        other requests running between them; counted as in flight for the drain."""
+        if not self.accepting:
+            raise Unavailable(f"model {self.model.name!r}: the server is shutting down; retry on another replica")
+        self._iterations += 1
+        self._idle.clear()
+        try:
+            async for item in iterate_in_worker(self._executor, make):
+                yield item
+        finally:
+            self._iterations -= 1
+            self._maybe_idle()
 
     async def drain(self) -> None:
         """Stop accepting; return when every accepted request has finished."""
@@ -263,10 +281,32 @@ class Scheduler:
     def _forget(self, job: _Job) -> None:
         self._jobs.discard(job)
         self.metrics.set_pending(self.model, self.pending_requests)
-        if not self._jobs:
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._jobs and not self._iterations:
             self._idle.set()
 
 
 def _jobs_of(batch: list[_Item]) -> list[_Job]:
     """The distinct requests of a batch, in batch order."""
     return list({id(item.job): item.job for item in batch}.values())
+
+
+async def iterate_in_worker(executor: concurrent.futures.Executor, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """The items of ``make()`` as they come, each produced by its own task on ``executor`` -- a one-thread
+    executor then runs other work (forward passes of other requests) between two items. Closing the async
+    iterator (a client that went away) closes ``make()``'s iterator on the executor, after the item in progress."""
+    loop = asyncio.get_running_loop()
+    iterator = await loop.run_in_executor(executor, lambda: iter(make()))
+    done = object()
+    try:
+        while True:
+            item = await loop.run_in_executor(executor, next, iterator, done)
+            if item is done:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await asyncio.shield(loop.run_in_executor(executor, close))

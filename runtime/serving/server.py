@@ -15,16 +15,19 @@ HTTP, gRPC and metrics listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from reformer_rt.export.metadata import package_version
 
+from ..generation import TokenEvent
+from . import generating
 from .metrics import Metrics
 from .model import ServedModel
 from .protocol import InferRequest, InferResponse, ServingError, Unavailable, error_status
@@ -60,6 +63,16 @@ class ModelEntry:
     model: ServedModel
     scheduler: Scheduler
     ready: bool = False
+
+
+@dataclasses.dataclass
+class _Account:
+    """What one request contributes to the metrics once it succeeds."""
+
+    started: float
+    tokens: int = 0
+    queue_us: float = 0.0
+    compute_us: float = 0.0
 
 
 class InferenceServer:
@@ -145,18 +158,57 @@ class InferenceServer:
 
     async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
         """One request, any transport: ``decode`` turns the transport's message into an ``InferRequest`` inside the
-        accounting, so a malformed request to a known model counts as its failure. Returns the response, or raises
-        for ``protocol.error_status`` (the transport logs the internal errors)."""
-        started = time.monotonic()
+        accounting, so a malformed request to a known model counts as its failure. A request for generated outputs
+        decodes on the model's worker (``generating.py``). Returns the response, or raises for
+        ``protocol.error_status`` (the transport logs the internal errors)."""
+        entry = self._ready_entry(model_name, model_version)
+        async with self._accounted(entry) as account:
+            request = decode()
+            generate = generating.parse_infer(entry.model, request)
+            if generate is not None:
+                tokens, _ = await generating.collect(entry.model, generate, entry.scheduler.iterate)
+                account.tokens = sum(len(p) for p in generate.prompts)
+                return generating.infer_response(entry.model, request, generate, tokens)
+            parsed = entry.model.parse(request, self.options.scheduler.default_priority)
+            done = await entry.scheduler.submit(parsed)
+            account.tokens, account.queue_us, account.compute_us = parsed.tokens, done.queue_us, done.compute_us
+            return entry.model.respond(request, parsed, done.rows)
+
+    async def generate(self, model_name: str, model_version: str, body: bytes) -> dict[str, Any]:
+        """Triton's generate extension, whole answer (``generating.py``)."""
+        entry = self._ready_entry(model_name, model_version)
+        async with self._accounted(entry) as account:
+            request = generating.parse_json(entry.model, body)
+            account.tokens = sum(len(p) for p in request.prompts)
+            tokens, reasons = await generating.collect(entry.model, request, entry.scheduler.iterate)
+            return generating.json_answer(entry.model, request, tokens, reasons)
+
+    async def generate_stream(self, model_name: str, model_version: str, request: generating.GenerateRequest | bytes
+                              ) -> AsyncIterator[tuple[TokenEvent, str]]:
+        """Each new token and its text piece as it is chosen: the generate extension's stream (``bytes``: its JSON
+        body) or a gRPC stream (a parsed request)."""
+        entry = self._ready_entry(model_name, model_version)
+        async with self._accounted(entry) as account:
+            if isinstance(request, bytes):
+                request = generating.parse_json(entry.model, request)
+            account.tokens = sum(len(p) for p in request.prompts)
+            text = generating.TextDelta(entry.model, len(request.prompts))
+            async for event in generating.stream(entry.model, request, entry.scheduler.iterate):
+                yield event, text.add(event)
+
+    def _ready_entry(self, model_name: str, model_version: str) -> ModelEntry:
         entry = self.entry(model_name, model_version)
         if not entry.ready:
             raise Unavailable(f"model {entry.model.name!r} is not ready yet; retry shortly", retry_after_s=1.0)
+        return entry
+
+    @contextlib.asynccontextmanager
+    async def _accounted(self, entry: ModelEntry) -> AsyncIterator[_Account]:
+        """Success or failure of one request in the metrics, with what the body filled in."""
+        account = _Account(time.monotonic())
         try:
-            request = decode()
-            parsed = entry.model.parse(request, self.options.scheduler.default_priority)
-            done = await entry.scheduler.submit(parsed)
-            response = entry.model.respond(request, parsed, done.rows)
-        except asyncio.CancelledError:
+            yield account
+        except (asyncio.CancelledError, GeneratorExit):
             self.metrics.record_failure(entry.model, "CANCELED")
             raise
         except Exception as exc:
@@ -164,9 +216,8 @@ class InferenceServer:
             reason = "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if status.internal else "OTHER"
             self.metrics.record_failure(entry.model, reason)
             raise
-        self.metrics.record_success(entry.model, parsed.tokens, time.monotonic() - started, done.queue_us,
-                                    done.compute_us)
-        return response
+        self.metrics.record_success(entry.model, account.tokens, time.monotonic() - account.started,
+                                    account.queue_us, account.compute_us)
 
     # ---------------------------------------------------------------------------------------- descriptions
     def server_metadata(self) -> dict[str, Any]:

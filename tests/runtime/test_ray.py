@@ -127,6 +127,37 @@ def test_two_replicas_answer_concurrent_ragged_requests_each_as_alone(app, check
     assert len(replicas) == 2, f"requests reached replicas {replicas}"
 
 
+def _post_json(url: str, path: str, body: dict) -> tuple[int, str, bytes]:
+    import http.client
+
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def test_replicas_generate_whole_and_streamed_like_session_generate(app, checkpoint) -> None:
+    session = Session(checkpoint, backend="torch", device="cpu")
+    prompts = [[72, 101, 108, 108, 111] * 7, [100, 101, 102]]
+    expected = [list(t) for t in session.generate(prompts, 6).tokens]
+    status, _, body = _post_json(app, "/v2/models/tiny/generate", {"input_ids": prompts, "max_tokens": 6})
+    assert status == 200 and json.loads(body)["output_ids"] == expected
+    status, kind, body = _post_json(app, "/v2/models/tiny/generate_stream", {"input_ids": prompts[1], "max_tokens": 6})
+    events = [json.loads(chunk[len(b"data: "):]) for chunk in body.split(b"\n\n") if chunk]
+    assert status == 200 and kind.startswith("text/event-stream")
+    assert [e["output_ids"][0] for e in events] == expected[1] and events[-1]["finished"]
+    ids = httpclient.InferInput("input_ids", [1, 3], "INT64")
+    ids.set_data_from_numpy(np.array([prompts[1]], dtype=np.int64))
+    client = httpclient.InferenceServerClient(app)
+    result = client.infer("tiny", [ids], outputs=[httpclient.InferRequestedOutput("generated_ids")],
+                          parameters={"max_new_tokens": 6})
+    assert result.as_numpy("generated_ids").tolist() == [expected[1]]
+
+
 def _replica_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("SERVE_REPLICA::") and DEPLOYMENT in a["name"])
