@@ -18,6 +18,7 @@ from reformer_rt.runtime import Session
 from reformer_rt.runtime.errors import BackendUnavailable
 from reformer_rt.runtime.generate_cmd import TextStream
 from reformer_rt.runtime.generation import TokenEvent
+from tiny_artifacts import tiny_export
 
 CONFIG = ReformerConfig(
     vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
@@ -120,11 +121,8 @@ def test_bad_arguments_raise_input_errors(session: Session, kwargs: dict, words:
         session.generate([[1, 2, 3], list(range(30))], **kwargs)
 
 
-def test_other_backends_and_encoders_refuse_with_a_reason(session: Session, tmp_path) -> None:
-    from reformer_rt.export import export_onnx
-
-    onnx_path = tmp_path / "model.onnx"
-    export_onnx(session.path, onnx_path, attention="portable", max_length=64, validate=False, log=None)
+def test_other_backends_and_encoders_refuse_with_a_reason(tmp_path_factory, tmp_path) -> None:
+    onnx_path = tiny_export(tmp_path_factory.getbasetemp())  # the session's shared tiny export
     with pytest.raises(BackendUnavailable, match="torch backend"):
         Session(onnx_path, backend="onnxruntime").generate([[1, 2, 3]], 4)
     encoder = tmp_path / "encoder"
