@@ -18,6 +18,7 @@ from pathlib import Path
 
 from reformer_rt.models import InputError
 
+from .artifacts import artifact_kind
 from .generation import STRATEGIES, TokenEvent
 from .run_cmd import _read_ids
 from .session import Session
@@ -74,6 +75,10 @@ class TextStream:
 def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise InputError(f"--threads: got {args.threads}; expected an integer >= 0 (0 = all cores)")
+    kind = artifact_kind(args.model)
+    if kind != "checkpoint":
+        raise InputError(f"{args.model}: got an {kind} file; expected a checkpoint directory -- cached decoding runs "
+                         "on the torch backend, from the checkpoint the file was exported from")
     session = Session(args.model, backend="torch", device=args.device, dtype=args.dtype, threads=args.threads)
     if args.ids is not None:
         prompts, tokenizer, stop_ids = _read_ids(args.ids), None, args.stop_ids

@@ -187,3 +187,10 @@ def test_bench_generate_refuses_a_prompt_longer_than_the_model(session: Session,
     done = _cli("bench", "generate", "--models", str(session.path), "--lengths", "600", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "--lengths" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o" / "generate.json").exists()
+
+
+def test_cli_refuses_an_exported_file_naming_the_checkpoint(tmp_path_factory) -> None:
+    onnx_path = tiny_export(tmp_path_factory.getbasetemp())
+    done = _cli("generate", str(onnx_path), "--prompt", "x")
+    assert done.returncode == 2 and "expected a checkpoint directory" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
