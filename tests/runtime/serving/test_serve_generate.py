@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import socket
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import Session
+from serve_harness import wait_until
 
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n\nclass Path"]
 NEW = 12
@@ -145,3 +149,23 @@ def test_forward_requests_run_between_the_tokens_of_a_long_generation(server) ->
     assert len(arrivals) == 600
     after = sum(t > answered for t in arrivals)
     assert after >= 100, f"only {after} of 600 tokens came after the infer's answer: it waited for the generation"
+
+
+def _canceled(server) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics").read().decode()
+    found = re.search(r'nv_inference_request_failure\{model="tiny",reason="CANCELED",version="1"\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_leaves_a_stream_is_counted_canceled_and_the_model_serves_on(server, reference) -> None:
+    before = _canceled(server)
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=120)
+    body = json.dumps({"input_ids": [5], "max_tokens": 2000})
+    connection.request("POST", "/v2/models/tiny/generate_stream", body=body)
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert wait_until(lambda: _canceled(server) == before + 1), "the stream's end was not counted as canceled"
+    answer = json.loads(_post(server, "/v2/models/tiny/generate", {"text_input": PROMPTS[0], "max_tokens": NEW}).read())
+    assert answer["output_ids"] == _expected(reference, [PROMPTS[0]])[0]
