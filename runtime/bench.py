@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
@@ -231,17 +232,17 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[int], li
     return lengths, batches, backends
 
 
-def _check_failures(rows: list[dict], report: Path) -> int:
-    """0 when every point ran; else the reason, as an ``InputError`` when every failure is a user error."""
+def check_failures(rows: list[dict], report: Path, point: Callable[[dict], str], command: str = "bench") -> int:
+    """0 when every point ran; else the reason (``point`` names a failed one), as an ``InputError`` when every
+    failure is a user error (the worker exited 2)."""
     failed = [r for r in rows if "error" in r]
     if not failed:
         return 0
-    first = failed[0]
-    message = (f"{len(failed)} of {len(rows)} points failed (first: {first['backend']}, batch {first['batch']}, "
-               f"length {first['length']}: {first['error']}); {report} records each")
+    message = (f"{len(failed)} of {len(rows)} points failed (first: {point(failed[0])}: {failed[0]['error']}); "
+               f"{report} records each")
     if all(r.get("exit_code") == 2 for r in failed):
         raise InputError(message)
-    print(f"reformer-rt bench: error: {message}", file=sys.stderr)
+    print(f"reformer-rt {command}: error: {message}", file=sys.stderr)
     return 1
 
 
@@ -286,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"time ratio longest/shortest length: {json.dumps(scaling(rows))}")
     print(f"wrote {' and '.join(str(f) for f in files)}" + (" (pip install matplotlib for the plot)"
                                                               if ran and image is None else ""))
-    return _check_failures(rows, args.out / "bench.json")
+    return check_failures(rows, args.out / "bench.json",
+                          lambda r: f"{r['backend']}, batch {r['batch']}, length {r['length']}")
 
 
 def _has_transformers() -> bool:

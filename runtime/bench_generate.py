@@ -43,7 +43,7 @@ from reformer_rt.models.decoding import DecodeCache, prefill, step
 
 from .artifacts import write_files_atomic
 from .bench import (CRIME_AND_PUNISHMENT, USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes,
-                    _versions, parse_ints)
+                    _versions, check_failures, parse_ints)
 from .demo import demo_model_dir
 from .hardware import machine_name
 
@@ -270,16 +270,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key}: {fit['ms_per_1k_prompt_tokens']:+.3f} ms per 1K prompt tokens; longest/shortest "
               f"{fit['longest_over_shortest']:.2f}x for {fit['length_ratio']:.0f}x the prompt")
     print(f"wrote {args.out / 'generate.json'}")
-    failed = [r for r in rows if "error" in r]
-    if not failed:
-        return 0
-    first = failed[0]
-    message = (f"{len(failed)} of {len(rows)} points failed (first: {first['model']} {first['variant']} "
-               f"{first['length']}: {first['error']}); {args.out / 'generate.json'} records each")
-    if all(r.get("exit_code") == 2 for r in failed):
-        raise InputError(message)
-    print(f"reformer-rt bench generate: error: {message}", file=sys.stderr)
-    return 1
+    return check_failures(rows, args.out / "generate.json", lambda r: f"{r['model']} {r['variant']} {r['length']}",
+                          "bench generate")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from reformer_rt.models.train_demo import corpus
 
 from .hardware import machine_name
 from .session import BACKENDS, Session
+from .tokenizers import prompt_ids
 
 DEFAULT_PROMPT = "def "
 
@@ -59,17 +60,6 @@ def long_batch(tokenizer: ByteTokenizer, lengths: list[int]) -> list[list[int]]:
         out.append([b + tokenizer.offset for b in data[start:start + n]])
         start += n
     return out
-
-
-def prompt_ids(tokenizer: ByteTokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids, or an error for an empty prompt or one that is not UTF-8 text."""
-    try:
-        ids = tokenizer.encode(prompt)
-    except UnicodeEncodeError as exc:  # undecodable command-line bytes arrive as lone surrogates
-        raise InputError(f"--prompt: got bytes that are not UTF-8 text ({exc.reason}); expected UTF-8 text") from exc
-    if not ids:
-        raise InputError("--prompt: got an empty prompt; expected at least one character")
-    return ids
 
 
 def sample(session: Session, tokenizer: ByteTokenizer, prompt: str, n: int, seed: int,

@@ -22,7 +22,7 @@ from .artifacts import artifact_kind
 from .generation import STRATEGIES, TokenEvent
 from .run_cmd import _read_ids
 from .session import Session
-from .tokenizers import Tokenizer, load_tokenizer
+from .tokenizers import Tokenizer, load_tokenizer, prompt_ids
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         prompts, tokenizer, stop_ids = _read_ids(args.ids), None, args.stop_ids
     else:
         tokenizer = _tokenizer(session, args.tokenizer)
-        prompts = [_prompt_ids(tokenizer, _stdin_text() if args.prompt == "-" else args.prompt)]
+        prompts = [prompt_ids(tokenizer, _stdin_text() if args.prompt == "-" else args.prompt)]
         eos = session.config.eos_token_id
         stop_ids = args.stop_ids or ([] if eos is None else [eos])
     events = session.generate_stream(prompts, args.max_new_tokens, args.strategy, args.temperature, args.top_k,
@@ -159,14 +159,3 @@ def _tokenizer(session: Session, directory: Path | None) -> Tokenizer:
         raise InputError(f"--tokenizer: {directory} is not a directory; expected the directory holding the model's "
                          "tokenizer.json or spiece.model")
     return load_tokenizer(directory or session.path, session.config, required=directory is not None)
-
-
-def _prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    try:
-        ids = tokenizer.encode(text)
-    except UnicodeEncodeError as exc:  # undecodable command-line bytes arrive as lone surrogates
-        raise InputError(f"--prompt: got bytes that are not UTF-8 text ({exc.reason}); expected UTF-8 text") from exc
-    if not ids:
-        raise InputError("--prompt: got an empty prompt; expected at least one character (or --ids FILE)")
-    return ids
-

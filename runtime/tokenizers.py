@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from reformer_rt.models import ConfigError, ReformerConfig
+from reformer_rt.models import ConfigError, InputError, ReformerConfig
 from reformer_rt.models.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 SPIECE_FILE = "spiece.model"
@@ -69,3 +69,14 @@ def load_tokenizer(directory: Path | None, config: ReformerConfig, required: boo
         raise ConfigError(f"tokenizer: the one in {directory} gives ids up to {tokenizer.vocab_size - 1}; the model's "
                           f"vocabulary has {config.vocab_size} ids -- is it this model's tokenizer?")
     return tokenizer
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A ``--prompt``'s token ids, or an error for an empty prompt or one that is not UTF-8 text."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except UnicodeEncodeError as exc:  # undecodable command-line bytes arrive as lone surrogates
+        raise InputError(f"--prompt: got bytes that are not UTF-8 text ({exc.reason}); expected UTF-8 text") from exc
+    if not ids:
+        raise InputError("--prompt: got an empty prompt; expected at least one character")
+    return list(ids)
