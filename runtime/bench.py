@@ -223,13 +223,18 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[int], li
     if too_long:
         raise InputError(f"--lengths: got {too_long}; expected at most {config.max_input_length:,}, the model's "
                          "maximum input length")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out: {args.out} is a file; expected a directory (created if missing)")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out: cannot create the directory {args.out} ({os_error_hint(exc)})") from exc
+    make_out_dir(args.out)
     return lengths, batches, backends
+
+
+def make_out_dir(out: Path) -> None:
+    """``--out``: a directory, made if missing, or one clear error."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file; expected a directory (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out: cannot create the directory {out} ({os_error_hint(exc)})") from exc
 
 
 def check_failures(rows: list[dict], report: Path, point: Callable[[dict], str], command: str = "bench") -> int:

@@ -37,13 +37,12 @@ from pathlib import Path
 import torch
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
-from reformer_rt.models.errors import os_error_hint
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.decoding import DecodeCache, prefill, step
 
 from .artifacts import write_files_atomic
 from .bench import (CRIME_AND_PUNISHMENT, USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes,
-                    _versions, check_failures, parse_ints)
+                    _versions, check_failures, make_out_dir, parse_ints)
 from .demo import demo_model_dir
 from .hardware import machine_name
 
@@ -223,12 +222,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if args.steps < 1 or args.recompute_steps < 1 or args.threads < 0:
         raise InputError(f"--steps / --recompute-steps / --threads: got {args.steps} / {args.recompute_steps} / "
                          f"{args.threads}; expected >= 1 / >= 1 / >= 0 (0 = all cores)")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out: {args.out} is a file; expected a directory (created if missing)")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out: cannot create the directory {args.out} ({os_error_hint(exc)})") from exc
+    make_out_dir(args.out)
     return lengths, variants
 
 

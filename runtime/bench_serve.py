@@ -20,6 +20,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import statistics
 import threading
@@ -31,7 +32,8 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from .bench import parse_ints
+from .artifacts import write_files_atomic
+from .bench import make_out_dir, parse_ints
 from .hardware import machine_name
 from .session import BACKENDS
 
@@ -277,21 +279,30 @@ def overhead(args: argparse.Namespace, model_path: Path, url: str, metrics_url: 
 
 # ------------------------------------------------------------------------------------------------------ report
 def write_report(out: Path, points: list[Point], extra: dict[str, Any]) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
+    """serve.csv, serve.json and (with matplotlib) serve.png under ``out``, written as one set."""
     rows = [p.row() for p in points]
-    with (out / "serve.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "serve.json").write_text(json.dumps({**extra, "points": rows}, indent=2) + "\n")
-    written = [str(out / "serve.csv"), str(out / "serve.json")]
+    table_text = io.StringIO()
+    writer = csv.DictWriter(table_text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files: dict[Path, bytes] = {out / "serve.csv": table_text.getvalue().encode(),
+                                out / "serve.json": (json.dumps({**extra, "points": rows}, indent=2) + "\n").encode()}
+    image = _plot(rows, extra)
+    if image is not None:
+        files[out / "serve.png"] = image
+    write_files_atomic(files, label="--out")
+    return [str(path) for path in files]
+
+
+def _plot(rows: list[dict[str, Any]], extra: dict[str, Any]) -> bytes | None:
+    """Throughput and p95 latency against concurrency per mode, as PNG bytes (None without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return written
+        return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
@@ -304,9 +315,10 @@ def write_report(out: Path, points: list[Point], extra: dict[str, Any]) -> list[
         ax.legend()
     fig.suptitle(f"reformer-rt bench serve on {extra['machine']} ({extra['protocol']}, lengths {extra['lengths']})")
     fig.tight_layout()
-    fig.savefig(out / "serve.png", dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    return [*written, str(out / "serve.png")]
+    return image.getvalue()
 
 
 def table(points: list[Point]) -> str:
@@ -330,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 1:
         raise InputError(f"--requests: got {args.requests}; expected >= 1")
     _lengths(args.lengths)
+    make_out_dir(args.out)
     extra: dict[str, Any] = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
                              "protocol": args.protocol, "lengths": args.lengths, "output": args.output}
     points: list[Point] = []

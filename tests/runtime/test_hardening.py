@@ -96,6 +96,10 @@ CASES: list[tuple[str, list[str], Callable[[Path, Path], object] | None, tuple[s
      lambda tmp, ckpt: (tmp / "ids.json").write_text(json.dumps([[5] * 129])), ("at most 128",)),
     ("bench: --out is a file", ["bench", "{ckpt}", "--out", "{tmp}/ids.json", "--lengths", "16"],
      lambda tmp, ckpt: (tmp / "ids.json").write_text("x"), ("--out",)),
+    ("bench serve: --out is a file", ["bench", "serve", "{ckpt}", "--out", "{tmp}/ids.json", "--requests", "1"],
+     lambda tmp, ckpt: (tmp / "ids.json").write_text("x"), ("--out", "is a file")),
+    ("bench generate: --out is a file", ["bench", "generate", "--models", "{ckpt}", "--out", "{tmp}/ids.json"],
+     lambda tmp, ckpt: (tmp / "ids.json").write_text("x"), ("--out", "is a file")),
     ("bench: length over the model's maximum", ["bench", "{ckpt}", "--out", "{tmp}/o", "--lengths", "4096"], None,
      ("--lengths", "128")),
     ("build: engine name the runtime cannot read back", ["build", "{onnx}", "-o", "{tmp}/m.onnx"], None, ("-o",)),
@@ -115,7 +119,8 @@ def test_user_error_is_one_line_and_exit_2(tiny, tmp_path: Path, capsys: pytest.
     filled = [a.format(ckpt=ckpt, onnx=tiny[1], tmp=tmp_path) for a in argv]
     code, err = _main(filled, capsys)
     assert code == 2
-    line = _one_error_line(argv[0], err)
+    command = " ".join(argv[:2]) if tuple(argv[:2]) in cli.NESTED else argv[0]
+    line = _one_error_line(command, err)
     assert all(w in line for w in words), line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new, no temporary file
 
