@@ -6,9 +6,9 @@ the PyTorch model is the fp32 reference; fp16 lives in exported graphs.
 
 Key names: HF's models with a head prefix the body with ``reformer.`` and keep their head's keys (LM:
 ``lm_head.decoder.{weight,bias}`` plus a duplicate ``lm_head.bias``; classification: ``classifier.``; QA:
-``qa_outputs.``); a bare ``ReformerModel`` has no prefix.
-A head the loaded class does not have (``HEAD_PREFIXES``) is ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being
-loaded, and any NaN or infinite weight, is an error naming that tensor.
+``qa_outputs.``); a bare ``ReformerModel`` has no prefix. A head the loaded class does not have (``HEAD_PREFIXES``)
+is ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being loaded, and any NaN or
+infinite weight, is an error naming that tensor.
 
 Write: ``save_pretrained`` writes the resolved config (hash seed and bucket counts decided) and safetensors with
 HF key names, so the directory loads here and in transformers alike. Files are written to a temporary directory
@@ -157,7 +157,8 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
                                   f"{tuple(expected[key].shape)} from config.json")
         if value.is_floating_point() != expected[key].is_floating_point():
             raise CheckpointError(f"checkpoint {source}: tensor {key} has dtype {value.dtype}; expected a floating "
-                                  f"point tensor ({expected[key].dtype}) -- the checkpoint is corrupt or not a Reformer")
+                                  f"point tensor ({expected[key].dtype}) -- the checkpoint is corrupt or not a "
+                                  "Reformer")
     model.load_state_dict(state, strict=True)
 
 

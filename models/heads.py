@@ -38,7 +38,8 @@ class ClassificationHead(nn.Module):
 
 
 class ReformerForSequenceClassification(_PretrainedMixin, nn.Module):
-    """``model(input_ids, attention_mask=None)`` -> logits [B, num_labels] (HF ``ReformerForSequenceClassification``)."""
+    """``model(input_ids, attention_mask=None)`` -> logits [B, num_labels] (HF's
+    ``ReformerForSequenceClassification``)."""
 
     ARCHITECTURE = "ReformerForSequenceClassification"
     HEAD_PREFIXES = ("classifier.",)

@@ -13,11 +13,11 @@ worker process (its own peak memory, no warm caches) loads the model, warms up o
   ``past_buckets_states``: what its ``generate`` calls), when transformers is installed;
 * ``recompute``: our forward over the whole sequence for each new token, ``--recompute-steps`` times.
 
-Per-token time is the median over the steps after two warm-up steps (recompute: over every step). The report
-gives each point, ours / transformers per token, and per variant the slope of per-token time against prompt
-length (a least-squares fit, ms per 1K prompt tokens) with the ratio of the longest to the shortest prompt's
-time. Writes ``generate.json`` into ``--out`` (atomically) and prints a markdown table with the machine; exits 1
-when a point failed (2 when every failure is a user error; each is recorded). Timings are of the machine as it is: run it alone.
+Per-token time is the median over the steps after two warm-up steps (recompute: over every step). The report gives
+each point, ours / transformers per token, and per variant the slope of per-token time against prompt length (a
+least-squares fit, ms per 1K prompt tokens) with the ratio of the longest to the shortest prompt's time. Writes
+``generate.json`` into ``--out`` (atomically) and prints a markdown table with the machine; exits 1 when a point
+failed (2 when every failure is a user error; each is recorded). Timings are of the machine as it is: run it alone.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Each subcommand lives in its own module exposing ``add_parser(subparsers)``, whi
 Exit codes: 0 done; 2 an error the user can fix -- a ``ReformerError``, a bad argument, or the machine refusing a
 file (disk full, read-only, no permission) -- printed as one line ``reformer-rt CMD: error: ...`` without a
 traceback; 1 anything else, which is a bug and keeps its traceback; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM,
-printed as ``reformer-rt CMD: interrupted``; 141 (quietly) when the reader of stdout went away, as for SIGPIPE. Whatever a stopped or failed command was writing is left as it was
-(see ``runtime/artifacts.py`` and ``models/errors.py``).
+printed as ``reformer-rt CMD: interrupted``; 141 (quietly) when the reader of stdout went away, as for SIGPIPE.
+Whatever a stopped or failed command was writing is left as it was (see ``runtime/artifacts.py`` and
+``models/errors.py``).
 """
 
 from __future__ import annotations

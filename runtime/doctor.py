@@ -292,4 +292,5 @@ def tiny_model() -> ReformerLM:
 
 PROBES = (("python", check_python), ("torch", check_torch), ("triton", check_triton),
           ("kernels fp32", check_kernels_fp32), ("kernels fp16", check_kernels_fp16),
-          (CUDA_FORWARD, check_cuda_forward), ("onnxruntime", check_onnxruntime), (TENSORRT, check_tensorrt), (PLUGIN, check_plugin))
+          (CUDA_FORWARD, check_cuda_forward), ("onnxruntime", check_onnxruntime), (TENSORRT, check_tensorrt),
+          (PLUGIN, check_plugin))

@@ -6,13 +6,14 @@ tensors, so ``tritonclient.http`` works unchanged).
     serve run serve_config.yaml                                    # cluster operators (README: "Scaling out")
     app = build_app({"models": {"demo": "models/demo"}})           # Python: serve.run(app, route_prefix="/")
 
-Batching: every sequence of a request is one item of ``@serve.batch``, whose ``batch_size_fn`` counts padded
-tokens (each sequence at its length bucket), up to ``max_tokens_per_batch``. A collected batch runs per model
-through ``Session.run_jobs``, which splits it by length bucket and token budget (``runtime/batching.py``), so each
-result equals its sequence run alone. Replicas: ``num_gpus=1`` each when the device is CUDA (one per GPU), else CPU replicas of
-``num_cpus`` cores with that many threads; ``num_replicas``, autoscaling (``min_replicas``/``max_replicas``),
-``max_ongoing_requests`` and ``max_queued_requests`` (over it: 503) are deployment options. The forward pass runs
-on one worker thread per replica, so the replica's event loop (Ray's health checks) stays responsive.
+Batching: every sequence of a request is one item of ``@serve.batch``, whose ``batch_size_fn`` counts padded tokens
+(each sequence at its length bucket), up to ``max_tokens_per_batch``. A collected batch runs per model through
+``Session.run_jobs``, which splits it by length bucket and token budget (``runtime/batching.py``), so each result
+equals its sequence run alone. Replicas: ``num_gpus=1`` each when the device is CUDA (one per GPU), else CPU
+replicas of ``num_cpus`` cores with that many threads; ``num_replicas``, autoscaling
+(``min_replicas``/``max_replicas``), ``max_ongoing_requests`` and ``max_queued_requests`` (over it: 503) are
+deployment options. The forward pass runs on one worker thread per replica, so the replica's event loop (Ray's
+health checks) stays responsive.
 
 Generation (``generating.py``: generated outputs of v2 infer, the generate extension and its server-sent events)
 runs on the replica's worker, not through ``@serve.batch``.

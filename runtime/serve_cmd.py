@@ -4,11 +4,11 @@
     reformer-rt serve enwik8=ckpt/ small=model.onnx     # NAME=PATH (checkpoint directory, .onnx or engine)
     reformer-rt serve --config serve.json               # models and options from a JSON file
 
-A bare PATH is named by its directory name or file stem. The config file is a JSON object: ``models`` maps names
-to paths (or to objects with ``path``, ``backend``, ``device``, ``dtype``), and any option below may be given by
-its long name with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds 127.0.0.1
-unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model is loaded and warmed
-up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the protocol details.
+A bare PATH is named by its directory name or file stem. The config file is a JSON object: ``models`` maps names to
+paths (or to objects with ``path``, ``backend``, ``device``, ``dtype``), and any option below may be given by its
+long name with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds
+127.0.0.1 unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model is loaded and
+warmed up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the protocol details.
 """
 
 from __future__ import annotations

@@ -291,7 +291,8 @@ def _as_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndarray:
     if mask.shape != shape:
         raise InputError(f"attention_mask: got shape {mask.shape}; expected {shape}")
     if mask.dtype != np.bool_ and not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
-        raise InputTypeError(f"attention_mask: got dtype {mask.dtype}; expected bool or numbers: 1 = token, 0 = padding")
+        raise InputTypeError(f"attention_mask: got dtype {mask.dtype}; expected bool or numbers: 1 = token, "
+                             "0 = padding")
     if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
         bad = mask[~np.isin(mask, (0, 1))].flat[0]
         raise InputError(f"attention_mask: got values other than 0 and 1 ({bad}); expected 1 = token, 0 = padding")

@@ -5,8 +5,8 @@ The service class and messages are the generated ones that ship with tritonclien
 ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelStatistics, RepositoryIndex, ModelInfer
 and ModelStreamInfer (requests of one stream run concurrently; responses come as they finish, each carrying its
 request id; an error is sent on the stream as ``error_message`` and the stream goes on; a request with parameter
-``stream: true`` asking for generated outputs gets one response per token, as Triton's decoupled models send). The others (repository
-load/unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
+``stream: true`` asking for generated outputs gets one response per token, as Triton's decoupled models send). The
+others (repository load/unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
 
 Errors abort the call with the code of ``protocol.error_status``; the restricted header, when configured, is read
 from the call's metadata (lower-case keys).
@@ -155,7 +155,6 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield item
         finally:
             reader.cancel()
-
 
     async def _stream_tokens(self, request: Any, decoded: InferRequest, results: asyncio.Queue) -> None:
         """A generation streamed as one response per token (``generating.py``)."""

@@ -159,7 +159,8 @@ class Metrics:
             return {"count": count, "ns": int(value(family, labels) * 1000)}
 
         return {
-            "name": model.name, "version": model.version, "last_inference": int(self._last_inference_ms.get(model.name, 0.0)),
+            "name": model.name, "version": model.version,
+            "last_inference": int(self._last_inference_ms.get(model.name, 0.0)),
             "inference_count": int(value("nv_inference_count", labels)),
             "execution_count": int(value("nv_inference_exec_count", labels)),
             "inference_stats": {

@@ -102,7 +102,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ public
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name=f"dispatch-{self.model.name}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._dispatch_forever(), name=f"dispatch-{self.model.name}")
 
     @property
     def pending_requests(self) -> int:
