@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .checkpoint import CONFIG_FILE
 from .config import ReformerConfig
 from .errors import CheckpointError, ConfigError
 from .modeling import ReformerLM, ReformerModel, _PretrainedMixin
@@ -120,7 +121,7 @@ def model_class(directory: Path) -> type | None:
     """The class ``config.json``'s ``architectures`` names (None: none listed, or unreadable -- the loader then
     reports the config with its own message)."""
     try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        data = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     names = data.get("architectures") if isinstance(data, dict) else None

@@ -22,7 +22,7 @@ from .artifacts import artifact_kind
 from .generation import STRATEGIES, TokenEvent
 from .run_cmd import _read_ids
 from .session import Session
-from .tokenizers import Tokenizer, load_tokenizer, prompt_ids
+from .tokenizers import TextStream, Tokenizer, load_tokenizer, prompt_ids
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,30 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, help="directory holding the tokenizer (default: the model's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.set_defaults(func=run)
-
-
-class TextStream:
-    """Token ids in, newly complete text out: decodes everything so far and returns what was not printed yet,
-    holding back a trailing replacement character (a UTF-8 character still missing bytes)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._printed = ""
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        text = self._tokenizer.decode(self._ids).rstrip("\ufffd")
-        if not text.startswith(self._printed):  # a tokenizer that rewrote earlier text: print from the change
-            common = next((i for i, (a, b) in enumerate(zip(text, self._printed)) if a != b), len(self._printed))
-            self._printed = self._printed[:common]
-        new, self._printed = text[len(self._printed):], text
-        return new
-
-    def flush(self) -> str:
-        """What is held back at the end (an incomplete character, as the replacement character)."""
-        text = self._tokenizer.decode(self._ids)
-        return text[len(self._printed):]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,3 +80,27 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     if not ids:
         raise InputError("--prompt: got an empty prompt; expected at least one character")
     return list(ids)
+
+
+class TextStream:
+    """Token ids in, newly complete text out: decodes everything so far and returns what was not printed yet,
+    holding back a trailing replacement character (a UTF-8 character still missing bytes)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._printed = ""
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        text = self._tokenizer.decode(self._ids).rstrip("\ufffd")
+        if not text.startswith(self._printed):  # a tokenizer that rewrote earlier text: print from the change
+            common = next((i for i, (a, b) in enumerate(zip(text, self._printed)) if a != b), len(self._printed))
+            self._printed = self._printed[:common]
+        new, self._printed = text[len(self._printed):], text
+        return new
+
+    def flush(self) -> str:
+        """What is held back at the end (an incomplete character, as the replacement character)."""
+        text = self._tokenizer.decode(self._ids)
+        return text[len(self._printed):]

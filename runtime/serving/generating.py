@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..generation import GenerationOptions, TokenEvent
+from ..generation import LENGTH, GenerationOptions, TokenEvent
+from ..tokenizers import TextStream
 from .model import GENERATED_IDS, GENERATED_TEXT, LENGTHS_OUTPUT, ServedModel
 from .protocol import BadRequest, InferRequest, InferResponse
 
@@ -130,33 +131,29 @@ def stream(model: ServedModel, request: GenerateRequest, run: Runner) -> AsyncIt
 async def collect(model: ServedModel, request: GenerateRequest, run: Runner) -> tuple[list[list[int]], list[str]]:
     """Every prompt's new tokens and finish reason."""
     tokens: list[list[int]] = [[] for _ in request.prompts]
-    reasons = ["length"] * len(request.prompts)
+    reasons = [LENGTH] * len(request.prompts)
     async for event in stream(model, request, run):
         tokens[event.prompt].append(event.token)
         if event.finished:
-            reasons[event.prompt] = event.reason or "length"
+            reasons[event.prompt] = event.reason
     return tokens, reasons
 
 
 # ------------------------------------------------------------------------------------------------ answers
 class TextDelta:
-    """Per prompt, the text of its tokens so far, handed out in pieces that never split a character (an
-    incomplete UTF-8 sequence at the end is held back until its bytes have all come)."""
+    """Per prompt, the text of its tokens so far, handed out in pieces that never split a character (a
+    ``TextStream`` per prompt; what is held back comes out with the prompt's last token)."""
 
     def __init__(self, model: ServedModel, prompts: int) -> None:
-        self.tokenizer = model.tokenizer
-        self.tokens: list[list[int]] = [[] for _ in range(prompts)]
-        self.sent = [0] * prompts
+        tokenizer = model.tokenizer
+        self.streams = None if tokenizer is None else [TextStream(tokenizer) for _ in range(prompts)]
 
     def add(self, event: TokenEvent) -> str:
-        if self.tokenizer is None:
+        if self.streams is None:
             return ""
-        self.tokens[event.prompt].append(event.token)
-        text = self.tokenizer.decode(self.tokens[event.prompt])
-        stable = text if event.finished else text.rstrip("\ufffd")
-        piece = stable[self.sent[event.prompt]:]
-        self.sent[event.prompt] = max(self.sent[event.prompt], len(stable))
-        return piece
+        stream = self.streams[event.prompt]
+        piece = stream.push(event.token)
+        return piece + stream.flush() if event.finished else piece
 
 
 def infer_response(model: ServedModel, request: InferRequest, generate: GenerateRequest,

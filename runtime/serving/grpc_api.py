@@ -172,7 +172,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.parameters["step"].int64_param = event.step
             response.parameters["finished"].bool_param = event.finished
             if event.finished:
-                response.parameters["finish_reason"].string_param = event.reason or "length"
+                response.parameters["finish_reason"].string_param = event.reason
             await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
         if decoded.parameters.get("triton_enable_empty_final_response") is True:
             final = service_pb2.ModelInferResponse(model_name=entry.model.name, id=request.id)

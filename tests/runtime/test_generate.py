@@ -16,8 +16,8 @@ from reformer_rt.models import ConfigError, InputError, ReformerConfig, Reformer
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.errors import BackendUnavailable
-from reformer_rt.runtime.generate_cmd import TextStream
 from reformer_rt.runtime.generation import TokenEvent
+from reformer_rt.runtime.tokenizers import TextStream
 from tiny_artifacts import tiny_export
 
 CONFIG = ReformerConfig(
