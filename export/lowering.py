@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer_rt.models import Reformer, task_of
+from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.lsh_op import onnx_lowering
 
 from .errors import ExportError
@@ -109,7 +110,7 @@ def trace(model: Reformer, attention: str, dtype: str, max_length: int | None, o
     length = torch.export.Dim("length", min=low, max=high)
     axes = {0: batch, 1: length}
     wrapper = OnnxInterface(exportable_copy(model, dtype)).eval()
-    with torch.no_grad(), onnx_lowering(attention), _quiet():
+    with torch.no_grad(), onnx_lowering(attention), fused_attention(), _quiet():
         try:
             program = torch.onnx.export(
                 wrapper, (ids, torch.ones_like(ids)), dynamo=True, input_names=list(GRAPH_INPUTS),

@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import LocalCache, LSHCache
 from .config import ReformerConfig
+from .fused import fused_active, local_attention_fused
 from .lsh import MASK_VALUE, LSHAttrs, look_around, lsh_hash, make_rotations
 from .lsh_op import lsh_attention
 
@@ -115,6 +116,8 @@ class LocalSelfAttention(nn.Module):
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if fused_active():
+            return _merge_heads(local_attention_fused(q, k, v, mask, self.chunk, self.before, self.after, self.causal))
         batch, _, length, _ = q.shape
         positions = torch.arange(length, device=q.device)
         valid = (mask != 0)[:, None, :]  # [B,1,L]

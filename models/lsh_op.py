@@ -27,15 +27,15 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .errors import InputTypeError, ReformerError
-from .lsh import (OP_ID, OP_VERSION, PLUGIN_ATTRIBUTES, LSHAttrs, lsh_attention_reference, lsh_full_attention,
-                  lsh_hashed_attention)
+from .fused import fused_active, lsh_attention_fused, lsh_hashed_attention_fused
+from .lsh import OP_ID, OP_VERSION, PLUGIN_ATTRIBUTES, LSHAttrs, lsh_attention_reference, lsh_full_attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
 KERNELS_ENV = "REFORMER_RT_KERNELS"
 PLUGINS_PACKAGE = "reformer_rt.plugins"
 
 Implementation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LSHAttrs], torch.Tensor]
-_IMPLEMENTATIONS: dict[str, Implementation] = {"reference": lsh_attention_reference}
+_IMPLEMENTATIONS: dict[str, Implementation] = {"reference": lsh_attention_reference, "fused": lsh_attention_fused}
 _plugin_import_error: list[str] = []
 
 #: Lowerings ``lsh_attention`` can trace to during ONNX export (see the module docstring).
@@ -73,7 +73,7 @@ def select_implementation(device: torch.device) -> str:
                             "triton (pip install triton), or unset the variable to use the reference")
     if forced == "triton" or (device.type == "cuda" and "triton" in _IMPLEMENTATIONS):
         return "triton"
-    return "reference"
+    return "fused" if fused_active() and device.type == "cpu" else "reference"
 
 
 @torch.library.custom_op(OP_ID, mutates_args=())
@@ -140,6 +140,6 @@ def _lsh_portable(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, ma
         return lsh_full_attention(qk, v, mask, attrs)
 
     def hashed(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return lsh_hashed_attention(qk, v, rotations, mask, attrs)
+        return lsh_hashed_attention_fused(qk, v, rotations, mask, attrs)
 
     return torch.cond(short, full, hashed, (qk, v, rotations, mask))

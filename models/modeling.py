@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint
 from .attention import LocalSelfAttention, LSHSelfAttention
 from .config import ReformerConfig
+from .fused import fused_active
 from .errors import InputError, InputTypeError
 
 _ACTIVATIONS = {
@@ -100,6 +101,13 @@ class FeedForward(nn.Module):
         self.output = _Dense(config.feed_forward_size, config.hidden_size)
 
     def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_active() and x.dtype == torch.float32:  # as rows: an ONNX Gemm with its bias and activation
+            # fused (bit-identical in torch); float16 stays a MatMul: ONNX Runtime's CPU float16 Gemm is far less
+            # accurate
+            return self._forward_rows(x.reshape(-1, x.shape[-1])).view(x.shape)
+        return self._forward_rows(x)
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.output.dense(self.act(self.dense.dense(self.layer_norm(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +211,12 @@ class LMHead(nn.Module):
         self.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _apply_in_chunks(self.decoder, hidden, self.chunk)
+        return _apply_in_chunks(self._decode, hidden, self.chunk)
+
+    def _decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        if fused_active() and hidden.dtype == torch.float32:  # as rows: one ONNX Gemm with its bias (FeedForward)
+            return self.decoder(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+        return self.decoder(hidden)
 
 
 class ReformerLM(_PretrainedMixin, nn.Module):

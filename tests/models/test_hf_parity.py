@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reformer_rt.models import ReformerLM, ReformerModel
+from reformer_rt.models.fused import fused_attention
 
 TOL = 1e-4
 
@@ -36,23 +37,25 @@ def _compare(hf_out: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None
     ("encoder", 37),
     ("encoder", 16),         # LSH chunked (8) but local full (16)
 ])
-def test_lm_logits_match_transformers(hf_checkpoint, arch: str, length: int) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_lm_logits_match_transformers(hf_checkpoint, arch: str, length: int, fused: bool) -> None:
     hf, directory = hf_checkpoint(arch)
     ours = ReformerLM.from_pretrained(directory)
     ids = torch.randint(0, hf.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
-    with torch.no_grad():
+    with torch.no_grad(), fused_attention(fused):
         diff = _compare(hf(ids).logits, ours(ids), None)
     assert diff <= TOL, f"{arch} L={length}: max abs diff {diff}"
 
 
 @pytest.mark.parametrize("arch,length", [("encoder", 48), ("encoder", 45), ("crime_shrunk", 70),
                                          ("enwik8_like", 96)])
-def test_padded_ragged_batch_matches_transformers(hf_checkpoint, arch: str, length: int) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_padded_ragged_batch_matches_transformers(hf_checkpoint, arch: str, length: int, fused: bool) -> None:
     hf, directory = hf_checkpoint(arch)
     ours = ReformerLM.from_pretrained(directory)
     ids = torch.randint(0, hf.config.vocab_size, (3, length), generator=torch.Generator().manual_seed(1))
     mask = _ragged_mask(3, length, seed=length)
-    with torch.no_grad():
+    with torch.no_grad(), fused_attention(fused):
         diff = _compare(hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask), mask)
     assert diff <= TOL, f"{arch} L={length} ragged: max abs diff {diff} on valid positions"
 
