@@ -3,8 +3,10 @@
 Each (backend, batch, length) point runs in a fresh worker process, so its peak memory (``ru_maxrss`` on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU) is its own; the baseline -- HF transformers eager on the same
 weights, when transformers is installed -- runs in the same invocation, the same way. Timings are the median
-of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is the crime-and-punishment
-architecture (6 layers, d=256, 2 heads x 128, local/LSH alternating, axial 512 x 1024) with random weights.
+of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is ``--arch`` with random weights:
+``crime-and-punishment`` (6 layers local/LSH, d=256, 2 heads x 128, 1 hash round, chunk 64, axial 512 x 1024) or
+``enwik8-like`` (6 layers local/LSH, d=512, 8 heads x 64, 4 hash rounds, chunk 128, buckets 32 x 32).
+``--profile`` adds, for each ONNX Runtime point, one profiled run and its time per operator type.
 
 Writes ``bench.json`` and ``bench.png`` (matplotlib) into ``--out`` (together, atomically) and prints a markdown
 table with the machine. ONNX Runtime points use a portable export made once before timing (export time is not
@@ -42,6 +44,16 @@ CRIME_AND_PUNISHMENT = ReformerConfig(
     max_position_embeddings=524288, lsh_attn_chunk_length=64, local_attn_chunk_length=64, num_hashes=1,
     num_buckets=(64, 128), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
     local_num_chunks_before=1, local_num_chunks_after=0)
+ENWIK8_LIKE = ReformerConfig(
+    vocab_size=258, hidden_size=512, num_attention_heads=8, attention_head_size=64,
+    attn_layers=("local", "lsh", "local", "lsh", "local", "lsh"), feed_forward_size=2048, hidden_act="relu",
+    is_decoder=True, axial_pos_embds=True, axial_pos_shape=(256, 256), axial_pos_embds_dim=(128, 384),
+    max_position_embeddings=65536, lsh_attn_chunk_length=128, local_attn_chunk_length=128, num_hashes=4,
+    num_buckets=(32, 32), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+    local_num_chunks_before=1, local_num_chunks_after=0)
+#: Architectures ``bench`` builds with random weights when no checkpoint is given (``--arch``).
+ARCHITECTURES = {"crime-and-punishment": CRIME_AND_PUNISHMENT, "enwik8-like": ENWIK8_LIKE}
+PROFILE_TOP = 12  # operator types listed per profiled point
 WORKER_TIMEOUT_S = 1800
 #: How a worker's failure starts when it is a user error (the CLI's one-line format); stripped in the report.
 USER_ERROR_PREFIX = "reformer-rt bench: error: "
@@ -51,14 +63,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="latency / throughput / peak memory per backend, with the HF baseline "
                               "(reformer-rt bench serve: load a server)", description=__doc__.split("\n\n")[0],
                               epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 server")
-    p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: random crime-and-"
-                   "punishment architecture)")
+    p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: --arch with random weights)")
+    p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {' or '.join(ARCHITECTURES)}")
     p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, tensorrt")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every backend (default: all)")
+    p.add_argument("--profile", action="store_true", help="ONNX Runtime points: one more run, profiled; time per "
+                   "operator type")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -119,9 +133,36 @@ def _worker(spec: dict) -> dict:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     median = statistics.median(times)
-    return {"backend": spec["backend"], "batch": spec["batch"], "length": spec["length"], "seconds": median,
-            "tokens_per_s": spec["batch"] * spec["length"] / median, "peak_gb": peak / 1e9,
-            "memory": "cuda_max_allocated" if cuda else "peak_rss_vmhwm"}
+    point = {"backend": spec["backend"], "batch": spec["batch"], "length": spec["length"], "seconds": median,
+             "tokens_per_s": spec["batch"] * spec["length"] / median, "peak_gb": peak / 1e9,
+             "memory": "cuda_max_allocated" if cuda else "peak_rss_vmhwm"}
+    if spec.get("profile") and spec["backend"] == "onnxruntime":
+        point["profile"] = _profile(path, ids, spec["threads"])
+    return point
+
+
+def _profile(path: str, ids, threads: int) -> dict[str, float]:
+    """Seconds per operator type in one profiled ONNX Runtime run (kernel time; an ``If`` includes its branch)."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="reformer-rt-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e6
+    return {op: round(seconds, 4) for op, seconds in per_op.most_common(PROFILE_TOP)}
 
 
 def _peak_rss_bytes() -> int:
@@ -218,7 +259,9 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[int], li
                          "--threads >= 0 (0 = all cores)")
     if args.model is not None and not args.model.is_dir():
         raise InputError(f"MODEL: got {args.model}; expected a checkpoint directory (config.json + weights)")
-    config = CRIME_AND_PUNISHMENT if args.model is None else ReformerConfig.from_json_file(args.model / CONFIG_FILE)
+    if args.model is None and args.arch not in ARCHITECTURES:
+        raise InputError(f"--arch: got {args.arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    config = ARCHITECTURES[args.arch] if args.model is None else ReformerConfig.from_json_file(args.model / CONFIG_FILE)
     too_long = [n for n in lengths if n > config.max_input_length]
     if too_long:
         raise InputError(f"--lengths: got {too_long}; expected at most {config.max_input_length:,}, the model's "
@@ -262,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.manual_seed(0)
-            ReformerLM(CRIME_AND_PUNISHMENT).save_pretrained(checkpoint)
+            ReformerLM(ARCHITECTURES[args.arch]).save_pretrained(checkpoint)
         onnx_path = None
         if "onnxruntime" in backends:
             from reformer_rt.export import export_onnx
@@ -270,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
             onnx_path = Path(tmp) / "model.onnx"
             export_onnx(checkpoint, onnx_path, attention="portable", validate=False, log=None)
         specs = [{"backend": b, "batch": batch, "length": length, "repeat": args.repeat, "threads": args.threads,
-                  "checkpoint": str(checkpoint), "onnx": str(onnx_path) if b == "onnxruntime" else None}
+                  "profile": args.profile, "checkpoint": str(checkpoint),
+                  "onnx": str(onnx_path) if b == "onnxruntime" else None}
                  for batch in batches for length in lengths
                  for b in (["hf"] if args.hf and _has_transformers() else []) + backends]
         rows = []
@@ -280,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     name = machine_name()
     report = {"machine": name, "date": datetime.date.today().isoformat(), "python": platform.python_version(),
-              "versions": _versions(), "model": str(args.model or "random crime-and-punishment architecture"),
+              "versions": _versions(), "model": str(args.model or f"random {args.arch} architecture"),
               "rows": rows, "time_ratio_longest_to_shortest": scaling(rows)}
     files: dict[Path, bytes] = {args.out / "bench.json": (json.dumps(report, indent=2) + "\n").encode()}
     ran = any("seconds" in r for r in rows)
@@ -290,6 +334,10 @@ def run(args: argparse.Namespace) -> int:
     write_files_atomic(files, label="--out")
     print(f"machine: {name}, {report['date']}\n\n{table(rows)}\n")
     print(f"time ratio longest/shortest length: {json.dumps(scaling(rows))}")
+    for r in rows:
+        if "profile" in r:
+            ops = ", ".join(f"{op} {seconds:.2f}" for op, seconds in r["profile"].items())
+            print(f"profile {r['backend']} batch {r['batch']} length {r['length']:,} (s per operator type): {ops}")
     print(f"wrote {' and '.join(str(f) for f in files)}" + (" (pip install matplotlib for the plot)"
                                                               if ran and image is None else ""))
     return check_failures(rows, args.out / "bench.json",
