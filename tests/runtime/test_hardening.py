@@ -100,6 +100,7 @@ CASES: list[tuple[str, list[str], Callable[[Path, Path], object] | None, tuple[s
      lambda tmp, ckpt: (tmp / "ids.json").write_text("x"), ("--out", "is a file")),
     ("bench generate: --out is a file", ["bench", "generate", "--models", "{ckpt}", "--out", "{tmp}/ids.json"],
      lambda tmp, ckpt: (tmp / "ids.json").write_text("x"), ("--out", "is a file")),
+    ("bench: unknown --arch", ["bench", "--arch", "banana", "--out", "{tmp}/o"], None, ("--arch", "enwik8-like")),
     ("bench: length over the model's maximum", ["bench", "{ckpt}", "--out", "{tmp}/o", "--lengths", "4096"], None,
      ("--lengths", "128")),
     ("build: engine name the runtime cannot read back", ["build", "{onnx}", "-o", "{tmp}/m.onnx"], None, ("-o",)),
@@ -151,6 +152,16 @@ def test_bench_fails_when_its_points_fail(tiny, tmp_path: Path, capsys: pytest.C
     assert code == 2 and "1 of 1 points failed" in _one_error_line("bench", err)
     report = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert report["rows"][0]["exit_code"] == 2
+
+
+def test_bench_profile_reports_time_per_operator(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _main(["bench", str(tiny[0]), "--out", str(tmp_path / "o"), "--lengths", "40", "--backends",
+                       "onnxruntime", "--no-hf", "--repeat", "1", "--quiet", "--profile"], capsys)
+    assert code == 0, err
+    (row,) = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]
+    profile = row["profile"]
+    assert {"MatMul", "Gemm"} & set(profile) and all(seconds >= 0 for seconds in profile.values())
+    assert "profile onnxruntime batch 1 length 40" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ outputs as a set

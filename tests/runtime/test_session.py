@@ -258,3 +258,14 @@ def test_float16_torch_session_equals_the_float16_model_and_other_backends_refus
         Session(onnx_file, backend="onnxruntime", dtype="float16")
     with pytest.raises(InputError, match="dtype: got 'bfloat16'"):
         Session(directory, backend="torch", dtype="bfloat16")
+
+
+def test_torch_backend_on_cpu_reuses_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from reformer_rt.runtime import backends
+
+    monkeypatch.setenv(backends.HEAP_REUSE_ENV, "0")
+    assert backends.reuse_freed_memory() is False  # the opt-out is honoured
+    monkeypatch.delenv(backends.HEAP_REUSE_ENV)
+    assert backends.reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
