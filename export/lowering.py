@@ -10,6 +10,8 @@ Lengths ``<= m`` are still correct in the graph: they pad to ``m``, where the ch
 attention over the real tokens (padding keys get exactly zero weight; with a single chunk, look-around repeats
 the same keys, which leaves softmax unchanged). The LSH layers keep HF's short path exactly: the plugin op
 implements it itself, and the portable lowering carries it as an ONNX ``If`` (see ``models/lsh_op.py``).
+The trace runs inside ``fused_attention()`` (``models/fused.py``): the graph holds the fused chunk attention, and
+validation compares it with the model's reference forward.
 
 Known limits: feed-forward / LM-head chunking (a memory knob with identical results) is exported unchunked,
 because the number of chunks of a symbolic length cannot be traced; float16 graphs are traced from a float16

@@ -37,8 +37,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .lsh import (MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, lsh_full_attention, lsh_hash, lsh_sort,
-                  look_around)
+from .lsh import MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, lsh_full_attention, lsh_hash, lsh_sort
 
 #: Positions are scaled by this before subtracting: distinct positions differ by >= ~SCALE after float32
 #: rounding (positions < 2**24), far above any attention score; equal positions give exactly 0.
@@ -63,6 +62,22 @@ def fused_attention(enabled: bool = True) -> Iterator[None]:
 
 def fused_active() -> bool:
     return _fused.get()
+
+
+def look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """``lsh.look_around`` as one gather of whole chunks: [B,H,n,chunk,...] -> [B,H,n,(before+1+after)*chunk,...].
+
+    The reference rolls and concatenates (two copies per neighbour); indexing the chunk axis with (j + offset) mod n
+    writes each window once (one ONNX ``Gather`` of contiguous blocks)."""
+    if before == 0 and after == 0:
+        return x
+    n_chunks = x.shape[2]
+    offsets = torch.arange(-before, after + 1, device=x.device)
+    # (a 0-d tensor modulus: ONNX export cannot take a symbolic Python int there)
+    modulus = torch.scalar_tensor(n_chunks, dtype=torch.int64, device=x.device)
+    chunks = torch.remainder(torch.arange(n_chunks, device=x.device)[:, None] + offsets, modulus)  # [n, window]
+    windows = x.index_select(2, chunks.flatten())  # [B,H,n*window,chunk,...]
+    return windows.view(*x.shape[:2], n_chunks, (before + 1 + after) * x.shape[3], *x.shape[4:])
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: torch.Tensor,

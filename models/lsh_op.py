@@ -1,10 +1,11 @@
 """``reformer_rt::LSHAttention`` as a torch custom op, and the one function the model calls.
 
 Implementations are chosen per call from a small registry: ``reference`` (the fp32 oracle from ``lsh.py``,
-always present) and ``triton``, which ``reformer_rt.plugins`` registers when it is imported. On a CUDA tensor the
-op imports the plugins package on first use (a by-name import, so this package does not depend on it) and runs
-the Triton kernels if they are available; ``REFORMER_RT_KERNELS=triton|reference`` forces one, and a forced
-implementation that cannot run is an error, never a silent fallback.
+always present), ``fused`` (``fused.py``: the CPU path, chosen for CPU tensors inside ``fused_attention()``) and
+``triton``, which ``reformer_rt.plugins`` registers when it is imported. On a CUDA tensor the op imports the
+plugins package on first use (a by-name import, so this package does not depend on it) and runs the Triton kernels
+if they are available; ``REFORMER_RT_KERNELS=triton|reference`` forces one, and a forced implementation that
+cannot run is an error, never a silent fallback.
 
 A fake (meta) kernel gives the output shape so the op traces through ``torch.export``. Autograd: the op is
 inference-only; when gradients are needed (training the demo model) ``lsh_attention`` calls the differentiable
@@ -12,7 +13,7 @@ reference directly.
 
 ONNX export: inside ``onnx_lowering(form)`` and while ``torch.onnx`` traces the model, ``lsh_attention`` emits
 either one ``LSHAttention`` node in the contract's domain (``form="plugin"``, through ``torch.onnx.ops.symbolic``)
-or the reference itself, traced to standard ops (``form="portable"``). The exporter (``reformer_rt.export``) sets
+or the fused formulation, traced to standard ops (``form="portable"``). The exporter (``reformer_rt.export``) sets
 the form; this module only knows the torch side and imports no ONNX package.
 """
 
@@ -129,7 +130,7 @@ def _lsh_plugin_node(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor,
 
 def _lsh_portable(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
                   attrs: LSHAttrs) -> torch.Tensor:
-    """The reference traced to standard ops, its ``L <= chunk_length`` test kept as a graph-level branch.
+    """The fused formulation traced to standard ops, the ``L <= chunk_length`` test kept as a graph-level branch.
 
     The exported length is symbolic, so the reference's Python test on it cannot be traced; the predicate is a
     0-d tensor (an ONNX ``If``), never a Python bool the tracer could resolve from the declared length range.

@@ -34,9 +34,10 @@ from .outputs import CLASS_LOGITS, LAST_LOGITS, raw_name
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
 FEED_FORWARD_CHUNK = 8192
-#: ONNX Runtime's CPU memory arena keeps freed intermediates for reuse: faster (~20 % at 16K-64K tokens) but about
-#: twice the peak memory (4.2 vs 2.1 GB at 64K, crime-and-punishment architecture). Batches above this many tokens
-#: run in a second session without the arena, so the longest inputs (524,288 tokens) fit in memory.
+#: ONNX Runtime's CPU memory arena keeps freed intermediates for reuse: faster (~35 % at 64K tokens, no page faults)
+#: at about the same peak once memory patterns are off (1.64 vs 1.67 GB at 64K, crime-and-punishment architecture;
+#: with patterns on it was 3.1 GB). Batches above this many tokens run in a second session without the arena, whose
+#: peak is the live set alone, so the longest inputs (524,288 tokens) fit in memory.
 LEAN_TOKENS = 1 << 17
 
 

@@ -142,7 +142,8 @@ def _worker(spec: dict) -> dict:
 
 
 def _profile(path: str, ids, threads: int) -> dict[str, float]:
-    """Seconds per operator type in one profiled ONNX Runtime run (kernel time; an ``If`` includes its branch)."""
+    """Seconds per operator type in a profiled ONNX Runtime run after a warm-up run (kernel time; an ``If``
+    includes its branch)."""
     import collections
 
     import numpy as np
@@ -152,15 +153,19 @@ def _profile(path: str, ids, threads: int) -> dict[str, float]:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.enable_profiling = True
+        options.enable_mem_pattern = False  # as the backend runs it
         options.profile_file_prefix = str(Path(tmp) / "ort")
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        for _ in range(2):
+            session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         events = json.loads(Path(session.end_profiling()).read_text())
+    last_run = max(e["ts"] for e in events if e.get("name") == "model_run")
     per_op: collections.Counter[str] = collections.Counter()
     for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+        if (event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+                and event["ts"] >= last_run):
             per_op[event["args"]["op_name"]] += event["dur"] / 1e6
     return {op: round(seconds, 4) for op, seconds in per_op.most_common(PROFILE_TOP)}
 

@@ -94,3 +94,12 @@ def test_fused_is_the_cpu_implementation_only_inside_the_context(monkeypatch) ->
         assert select_implementation(cpu) == "reference"  # forcing the oracle still works
     monkeypatch.delenv(KERNELS_ENV)
     assert select_implementation(cpu) == "reference"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 1, 2, 3, 2), (1, 2, 4, 8)])
+@pytest.mark.parametrize("before,after", [(1, 0), (0, 1), (1, 1), (2, 0), (3, 2)])
+def test_look_around_by_gather_equals_the_references_rolls(shape, before: int, after: int) -> None:
+    from reformer_rt.models.lsh import look_around as rolled
+
+    x = torch.randn(shape)
+    assert torch.equal(fused.look_around(x, before, after), rolled(x, before, after))

@@ -161,7 +161,6 @@ def test_bench_profile_reports_time_per_operator(tiny, tmp_path: Path, capsys: p
     (row,) = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]
     profile = row["profile"]
     assert {"MatMul", "Gemm"} & set(profile) and all(seconds >= 0 for seconds in profile.values())
-    assert "profile onnxruntime batch 1 length 40" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ outputs as a set
