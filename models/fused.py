@@ -37,7 +37,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .lsh import MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, lsh_full_attention, lsh_hash, lsh_sort
+from .lsh import (MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, combine_rounds, lsh_full_attention, lsh_hash,
+                  lsh_sort, unsort_index)
 
 #: Positions are scaled by this before subtracting: distinct positions differ by >= ~SCALE after float32
 #: rounding (positions < 2**24), far above any attention score; equal positions give exactly 0.
@@ -155,17 +156,8 @@ def _lsh_head(qk: torch.Tensor, v: torch.Tensor, order: torch.Tensor, key_positi
     out, lse = _attend(q_sorted, k_sorted, v_sorted, cap, True)
     out = _self_only_rows(out, lse, self_mask)
 
-    # Undo the sort (as the reference): row i of round r goes back to (r, order[i]).
-    rounds = torch.arange(n_hashes, device=qk.device).unsqueeze(-1) * length
-    target = (order.view(batch, 1, n_hashes, length) + rounds).view(batch, 1, n_hashes * length)
-    sorted_rows = torch.arange(n_hashes * length, device=qk.device).expand_as(target)
-    undo = torch.empty_like(target).scatter_(2, target, sorted_rows)
-    out = _take_rows(out.view(batch, 1, -1, dim), undo).view(batch, 1, n_hashes, length, dim)
-    if n_hashes == 1:
-        return out[:, :, 0]
-    lse = torch.gather(lse.view(batch, 1, -1), 2, undo).view(batch, 1, n_hashes, length, 1)
-    weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
-    return torch.sum(out * weights, dim=2)
+    undo = unsort_index(order, n_hashes, length)
+    return combine_rounds(_take_rows(out.view(batch, 1, -1, dim), undo), lse, undo, n_hashes)
 
 
 def _self_only_rows(out: torch.Tensor, lse: torch.Tensor, self_mask: float) -> torch.Tensor:

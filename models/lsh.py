@@ -259,17 +259,28 @@ def lsh_hashed_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Ten
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B,H,n_chunks,chunk,1]
     out_sorted = torch.matmul(torch.exp(scores - lse), look_around(v_sorted, before, after))
 
-    # Undo the sort: row i of round r goes back to (r, order[i]).
-    # (An offset per round broadcast over L, not repeat_interleave: the latter mis-lowers to ONNX for symbolic L.)
-    rounds = torch.arange(n_hashes, device=qk.device).unsqueeze(-1) * length  # [n_hashes,1]
+    undo = unsort_index(order, n_hashes, length)
+    return combine_rounds(_take_rows(out_sorted.view(batch, heads, -1, dim), undo), lse, undo, n_hashes).to(v.dtype)
+
+
+def unsort_index(order: torch.Tensor, n_hashes: int, length: int) -> torch.Tensor:
+    """[B,H,n_hashes*L] sort order -> for each (round, position), its row in the sorted concatenation."""
+    batch, heads = order.shape[:2]
+    # Row i of round r goes back to (r, order[i]). (An offset per round broadcast over L, not repeat_interleave:
+    # the latter mis-lowers to ONNX for a symbolic L.)
+    rounds = torch.arange(n_hashes, device=order.device).unsqueeze(-1) * length  # [n_hashes,1]
     target = (order.view(batch, heads, n_hashes, length) + rounds).view(batch, heads, n_hashes * length)
-    sorted_rows = torch.arange(n_hashes * length, device=qk.device).expand_as(target)
-    undo = torch.empty_like(target).scatter_(2, target, sorted_rows)  # sorted row of each (round, position)
-    out = _take_rows(out_sorted.view(batch, heads, -1, dim), undo)
-    lse = torch.gather(lse.view(batch, heads, -1), 2, undo)
-    out = out.view(batch, heads, n_hashes, length, dim)
+    sorted_rows = torch.arange(n_hashes * length, device=order.device).expand_as(target)
+    return torch.empty_like(target).scatter_(2, target, sorted_rows)
+
+
+def combine_rounds(out: torch.Tensor, lse: torch.Tensor, undo: torch.Tensor, n_hashes: int) -> torch.Tensor:
+    """Semantics step 6: the rounds' outputs [B,H,n_hashes*L,D] (original order) weighted by softmax over rounds of
+    their logsumexp (sorted order, any shape with B,H first; ``undo`` puts it in original order) -> [B,H,L,D]."""
+    batch, heads, rows, dim = out.shape
+    out = out.view(batch, heads, n_hashes, rows // n_hashes, dim)
     if n_hashes == 1:
-        return out[:, :, 0].to(v.dtype).contiguous()
-    lse = lse.view(batch, heads, n_hashes, length, 1)
+        return out[:, :, 0].contiguous()
+    lse = torch.gather(lse.reshape(batch, heads, -1), 2, undo).view(batch, heads, n_hashes, rows // n_hashes, 1)
     weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
-    return torch.sum(out * weights, dim=2).to(v.dtype)
+    return torch.sum(out * weights, dim=2)
