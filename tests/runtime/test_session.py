@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
+from reformer_rt.models.fused import fused_attention
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.batching import plan_batches
 
@@ -252,7 +253,9 @@ def test_float16_torch_session_equals_the_float16_model_and_other_backends_refus
     half = Session(directory, backend="torch", device="cpu", dtype="float16").run(seqs, outputs=["logits"])
     assert half["logits"].dtype == np.float32  # outputs are float32 whatever the compute precision
     reference = ReformerLM.from_pretrained(directory).half()
-    worst = max(float(np.abs(half.rows["logits"][i] - _alone(reference, seq)).max()) for i, seq in enumerate(seqs))
+    with fused_attention():  # the torch backend's CPU path; float16 rounds differently from the reference forward
+        worst = max(float(np.abs(half.rows["logits"][i] - _alone(reference, seq)).max())
+                    for i, seq in enumerate(seqs))
     assert worst <= 2.0**-10 * float(np.abs(half["logits"]).max())  # a few fp16 ulps: batch-mates change nothing
     with pytest.raises(InputError, match="precision its file was exported with"):
         Session(onnx_file, backend="onnxruntime", dtype="float16")
