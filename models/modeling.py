@@ -20,8 +20,8 @@ from torch import nn
 from . import checkpoint
 from .attention import LocalSelfAttention, LSHSelfAttention
 from .config import ReformerConfig
-from .fused import fused_active
 from .errors import InputError, InputTypeError
+from .fused import fused_active
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
