@@ -37,8 +37,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .lsh import (MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, combine_rounds, lsh_full_attention, lsh_hash,
-                  lsh_sort, unsort_index)
+from .lsh import (MASK_VALUE, SELF_MASK_VALUE, LSHAttrs, _keys, _take_rows, combine_rounds, lsh_attention_by_length,
+                  lsh_hash, lsh_sort, unsort_index)
 
 #: Positions are scaled by this before subtracting: distinct positions differ by >= ~SCALE after float32
 #: rounding (positions < 2**24), far above any attention score; equal positions give exactly 0.
@@ -107,13 +107,7 @@ def _cap(q_scaled: torch.Tensor, k_scaled: torch.Tensor, shift: float, mask_valu
 def lsh_attention_fused(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
                         attrs: LSHAttrs) -> torch.Tensor:
     """The op contract (``lsh.py``) in the fused formulation; the ``L <= chunk_length`` path is the reference's."""
-    length = qk.shape[2]
-    if length <= attrs.chunk_length:
-        return lsh_full_attention(qk, v, mask, attrs)
-    if length % attrs.chunk_length:
-        raise ValueError(f"LSHAttention: got L={length}; expected L <= chunk_length or a multiple of "
-                         f"chunk_length={attrs.chunk_length} (pad the sequence first)")
-    return lsh_hashed_attention_fused(qk, v, rotations, mask, attrs)
+    return lsh_attention_by_length(lsh_hashed_attention_fused, qk, v, rotations, mask, attrs)
 
 
 def lsh_hashed_attention_fused(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,

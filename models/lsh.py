@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -217,13 +218,20 @@ def _masked_scores(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tenso
 def lsh_attention_reference(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor,
                             attrs: LSHAttrs) -> torch.Tensor:
     """The oracle: plain fp32 PyTorch, [B,H,L,D] in, [B,H,L,D] out in the dtype of ``v``."""
+    return lsh_attention_by_length(lsh_hashed_attention, qk, v, rotations, mask, attrs)
+
+
+def lsh_attention_by_length(hashed: Callable[..., torch.Tensor], qk: torch.Tensor, v: torch.Tensor,
+                            rotations: torch.Tensor, mask: torch.Tensor, attrs: LSHAttrs) -> torch.Tensor:
+    """Semantics step 7 around a hashed path: ``L <= chunk_length`` is full attention, otherwise ``hashed`` (the
+    reference's or another formulation of steps 1-6) on an L that must be a multiple of ``chunk_length``."""
     length = qk.shape[2]
     if length <= attrs.chunk_length:
         return lsh_full_attention(qk, v, mask, attrs)
     if length % attrs.chunk_length:
-        raise ValueError(f"LSHAttention: got L={length}; expected L <= chunk_length or a multiple of "
+        raise ValueError(f"{OP_NAME}: got L={length}; expected L <= chunk_length or a multiple of "
                          f"chunk_length={attrs.chunk_length} (pad the sequence first)")
-    return lsh_hashed_attention(qk, v, rotations, mask, attrs)
+    return hashed(qk, v, rotations, mask, attrs)
 
 
 def lsh_full_attention(qk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, attrs: LSHAttrs) -> torch.Tensor:
