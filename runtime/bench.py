@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.checkpoint import CONFIG_FILE
@@ -36,6 +37,9 @@ from reformer_rt.models.errors import os_error_hint
 
 from .artifacts import write_files_atomic
 from .hardware import machine_name
+
+if TYPE_CHECKING:  # numpy is imported where the work is, not at CLI start-up
+    import numpy as np
 
 CRIME_AND_PUNISHMENT = ReformerConfig(
     vocab_size=320, hidden_size=256, num_attention_heads=2, attention_head_size=128,
@@ -141,7 +145,7 @@ def _worker(spec: dict) -> dict:
     return point
 
 
-def _profile(path: str, ids, threads: int) -> dict[str, float]:
+def _profile(path: str, ids: np.ndarray, threads: int) -> dict[str, float]:
     """Seconds per operator type in a profiled ONNX Runtime run after a warm-up run (kernel time; an ``If``
     includes its branch)."""
     import collections
@@ -149,6 +153,9 @@ def _profile(path: str, ids, threads: int) -> dict[str, float]:
     import numpy as np
     import onnxruntime as ort
 
+    from reformer_rt.export.metadata import GRAPH_INPUTS
+
+    feeds = dict(zip(GRAPH_INPUTS, (ids, np.ones_like(ids))))
     with tempfile.TemporaryDirectory(prefix="reformer-rt-profile-") as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -159,7 +166,7 @@ def _profile(path: str, ids, threads: int) -> dict[str, float]:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         for _ in range(2):
-            session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+            session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     last_run = max(e["ts"] for e in events if e.get("name") == "model_run")
     per_op: collections.Counter[str] = collections.Counter()
