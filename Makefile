@@ -38,11 +38,11 @@ fuzz: $(VENV)/.test
 
 # STEPS=session,bench reruns a subset; exit 2 (at once) where there is no CUDA GPU.
 gpu-check:
-	$(GPU_PYTHON) runtime/gpu_check.py --out "$(OUT)" $(if $(STEPS),--steps "$(STEPS)")
+	$(GPU_PYTHON) tools/gpu_check.py --out "$(OUT)" $(if $(STEPS),--steps "$(STEPS)")
 
 # A Triton Inference Server model repository under a real tritonserver (2.51, CPU), against reformer-rt serve.
 triton-check: $(VENV)/.test
-	$(BIN)/python -m reformer_rt.runtime.triton_check
+	$(BIN)/python tools/triton_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """How the Triton kernels are judged against the fp32 reference: the tolerances, named once, and the comparison.
 
-Used by the interpreter tests (``tests/plugins``), the compiled-kernel tests (``tests/gpu``), ``bench_gpu``,
+Used by the interpreter tests (``tests/plugins``), the compiled-kernel tests (``tests/gpu``), ``bench/gpu.py``,
 ``reformer-rt doctor`` and ``make gpu-check``.
 
 * fp32: max abs error <= ``FP32_TOL`` (1e-5); bucket ids and sort order equal element for element.

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_artifacts import CONFIG, tiny_checkpoint, tiny_export
 
 from reformer_rt.export.metadata import export_metadata
 from reformer_rt.models import ReformerConfig, ReformerError, ReformerLM
 from reformer_rt.models.errors import Interrupted
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.artifacts import write_files_atomic
-from reformer_rt.runtime.run_cmd import _read_ids
-from tiny_artifacts import CONFIG, tiny_checkpoint, tiny_export
+from reformer_rt.runtime.commands.run import _read_ids
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -20,7 +20,7 @@ SERVE_EXTRA = ("aiohttp", "grpc", "prometheus_client", "tritonclient.grpc")
 
 def require_serve_extra() -> None:
     """``BackendUnavailable`` naming the install line when a package of the ``serve`` extra is missing."""
-    from reformer_rt.runtime.errors import BackendUnavailable
+    from ..errors import BackendUnavailable
 
     for module in SERVE_EXTRA:
         try:

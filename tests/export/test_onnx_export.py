@@ -20,7 +20,7 @@ from reformer_rt.export import ExportError, ValidationError, export_onnx, read_m
 from reformer_rt.export import validate as validation
 from reformer_rt.models import OP_VERSION, ReformerLM, ReformerModel
 from reformer_rt.models.lsh import ATTRIBUTES, ONNX_DOMAIN, OP_NAME, PLUGIN_ATTRIBUTES
-from reformer_rt.runtime import cli
+from reformer_rt.runtime.commands import cli
 
 transformers = pytest.importorskip("transformers")
 

@@ -88,9 +88,9 @@ def test_nothing_else_imports_the_plugin_or_tensorrt() -> None:
     code = (
         "import sys\n"
         "import reformer_rt.models, reformer_rt.export, reformer_rt.plugins\n"
-        "import reformer_rt.runtime.session, reformer_rt.runtime.engine_builder, reformer_rt.runtime.doctor\n"
-        "import reformer_rt.runtime.tensorrt_backend, reformer_rt.runtime.build_cmd\n"
-        "from reformer_rt.runtime import cli\n"
+        "import reformer_rt.runtime.session, reformer_rt.runtime.engine_builder, reformer_rt.runtime.commands.doctor\n"
+        "import reformer_rt.runtime.tensorrt_backend, reformer_rt.runtime.commands.build\n"
+        "from reformer_rt.runtime.commands import cli\n"
         "cli.build_parser()\n"
         f"assert {MODULE!r} not in sys.modules, 'plugin imported eagerly'\n"
         "assert 'tensorrt' not in sys.modules, 'tensorrt imported eagerly'\n"

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from reformer_rt.models import ReformerLM
+from reformer_rt.models.presets import demo_model_dir
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus, evaluate
-from reformer_rt.runtime.demo import demo_model_dir
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
 
 

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from reformer_rt.runtime import doctor
+from reformer_rt.runtime.commands import doctor
 
 
 def _fake_onnxruntime(monkeypatch: pytest.MonkeyPatch, providers: list[str], installed: list[str],

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_artifacts import tiny_export
 
 from reformer_rt.models import ConfigError, InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.tokenizer import ByteTokenizer
@@ -18,7 +19,6 @@ from reformer_rt.runtime import Session
 from reformer_rt.runtime.errors import BackendUnavailable
 from reformer_rt.runtime.generation import TokenEvent
 from reformer_rt.runtime.tokenizers import TextStream
-from tiny_artifacts import tiny_export
 
 CONFIG = ReformerConfig(
     vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
@@ -142,7 +142,7 @@ def test_text_stream_holds_back_a_split_character() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600)
 
 
@@ -160,7 +160,7 @@ def test_cli_streams_ids_as_json_lines(session: Session, tmp_path) -> None:
 
 
 def test_cli_continues_text_and_reports_errors_in_one_line(tmp_path) -> None:
-    from reformer_rt.runtime.demo import demo_model_dir
+    from reformer_rt.models.presets import demo_model_dir
 
     done = _cli("generate", str(demo_model_dir()), "--prompt", "def ", "--max-new-tokens", "12", "--device", "cpu")
     assert done.returncode == 0, done.stderr

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_artifacts import tiny_checkpoint, tiny_export
 
 from reformer_rt.models import InputError
 from reformer_rt.models.errors import Interrupted
-from reformer_rt.runtime import artifacts, cli
-from tiny_artifacts import tiny_checkpoint, tiny_export
+from reformer_rt.runtime import artifacts
+from reformer_rt.runtime.commands import cli
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_bench_fails_when_its_points_fail(tiny, tmp_path: Path, capsys: pytest.C
 
 
 def test_bench_profile_reports_time_per_operator(tiny) -> None:
-    from reformer_rt.runtime import bench
+    from reformer_rt.runtime.bench import forward as bench
 
     ids = np.random.default_rng(0).integers(0, 50, (1, 40), dtype=np.int64)
     profile = bench._profile(str(tiny[1]), ids, threads=1)
@@ -238,7 +239,7 @@ def test_damaged_cached_export_is_exported_again(tmp_path: Path, monkeypatch: py
 # ----------------------------------------------------------------------------------------------- signals
 def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
     return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -91,8 +91,8 @@ def test_exports_record_the_task_and_outputs(heads) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_run_command_writes_every_head_output(heads, tmp_path) -> None:
@@ -113,7 +113,7 @@ def test_run_command_writes_every_head_output(heads, tmp_path) -> None:
 
 def test_served_heads_show_their_shapes_and_answer(heads) -> None:
     httpclient = pytest.importorskip("tritonclient.http")
-    from reformer_rt.runtime.serving.process import ServeProcess
+    from reformer_rt.runtime.bench.server_process import ServeProcess
 
     root, classifier, qa = heads
     with ServeProcess([f"cls={root / 'cls'}", f"qa={root / 'qa.onnx'}", "--backend", "auto", "--device", "cpu"],

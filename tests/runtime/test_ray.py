@@ -28,7 +28,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from reformer_rt.models import ReformerConfig, ReformerLM  # noqa: E402
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
-from reformer_rt.runtime.ray_serve import APP_NAME, DEPLOYMENT, REPLICA_HEADER, RayServeOptions, deployment  # noqa: E402
+from reformer_rt.runtime.serving.ray_serve import APP_NAME, DEPLOYMENT, REPLICA_HEADER, RayServeOptions, deployment  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -235,7 +235,7 @@ def test_serve_command_deploys_on_ray_and_drains(cluster, app, checkpoint) -> No
     serve.delete(APP_NAME)
     serve.shutdown()
     port = _free_port()
-    command = [sys.executable, "-m", "reformer_rt.runtime.cli", "serve", "--ray", "--address",
+    command = [sys.executable, "-m", "reformer_rt.runtime.commands.cli", "serve", "--ray", "--address",
                cluster.address_info["address"], "--replicas", "1", "--backend", "torch", "--device", "cpu",
                "--http-port", str(port), f"tiny={checkpoint}"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ})

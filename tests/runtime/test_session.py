@@ -165,7 +165,7 @@ def test_plugin_form_is_refused_by_onnxruntime(checkpoint, tmp_path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
                           text=True, timeout=300)
 
 

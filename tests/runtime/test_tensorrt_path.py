@@ -23,8 +23,9 @@ import torch
 from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
-from reformer_rt.runtime import doctor
+from reformer_rt.models.presets import random_model
 from reformer_rt.runtime.artifacts import onnx_sha256
+from reformer_rt.runtime.commands import doctor
 from reformer_rt.runtime.engine_builder import (
     BuildOptions, PhaseBars, check_tensorrt_version, engine_for, import_tensorrt, strong_typing_flags,
 )
@@ -60,7 +61,7 @@ def _require_tensorrt_gpu() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 
@@ -68,7 +69,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The doctor's tiny random LM, exported in plugin form (max length 64, chunk 8, 2 hash rounds)."""
     path = tmp_path_factory.mktemp("trt") / "tiny.onnx"
-    export_onnx(doctor.tiny_model(), path, attention="plugin", validate=False, log=None)
+    export_onnx(random_model(), path, attention="plugin", validate=False, log=None)
     return path
 
 
@@ -356,7 +357,7 @@ def test_build_cache_run_and_compare(tiny_onnx: Path, tmp_path: Path) -> None:
     third = engine_for(tiny_onnx, options, cache, log=lambda _: None)
     assert not third.cache_hit and verify_record(third.engine, third.record) is None
     backend = TensorRTBackend(third.engine, third.record, "cuda")
-    model = doctor.tiny_model()
+    model = random_model()
     generator = torch.Generator().manual_seed(1)
     for batch, length, ragged in ((1, 1, False), (2, 29, True), (5, 64, True)):  # 5 rows > profile max: sliced
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
@@ -382,7 +383,7 @@ def test_build_command_engine_opens_alone_in_a_session(tiny_onnx: Path, tmp_path
     assert session.backend == "tensorrt" and session.output_name == "logits"
     sequences = [[1, 2, 3], [(7 * i) % 32 for i in range(30)]]
     out = session.run(sequences)["logits"]
-    model = doctor.tiny_model()
+    model = random_model()
     for row, sequence in enumerate(sequences):
         with torch.no_grad():
             expected = model(torch.tensor([sequence])).numpy()[0]
@@ -399,7 +400,7 @@ def test_doctor_self_test_passes() -> None:
 
 
 def test_tiny_model_matches_its_description() -> None:
-    config: ReformerConfig = doctor.tiny_model().config
-    assert isinstance(doctor.tiny_model(), ReformerLM) and config.attn_layers.count("lsh") == 2
+    config: ReformerConfig = random_model().config
+    assert isinstance(random_model(), ReformerLM) and config.attn_layers.count("lsh") == 2
     assert max(length for _, length, _ in doctor.SELF_TEST_CASES) == config.max_position_embeddings
 

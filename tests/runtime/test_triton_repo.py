@@ -18,7 +18,7 @@ from reformer_rt.models import InputError, ReformerConfig, ReformerLM  # noqa: E
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
 from reformer_rt.runtime.serving.model import ServedModel  # noqa: E402
-from reformer_rt.runtime.triton_repo import MODEL_PY, validate_config, write_repository  # noqa: E402
+from reformer_rt.runtime.serving.triton_repo import MODEL_PY, validate_config, write_repository  # noqa: E402
 
 CONFIG = ReformerConfig(
     vocab_size=258, hidden_size=16, num_attention_heads=2, attention_head_size=8, feed_forward_size=32,
@@ -85,12 +85,12 @@ def test_repository_mistakes_are_refused_and_leave_nothing(checkpoint, tmp_path)
 
 
 def test_export_command_writes_the_repository(checkpoint, tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", "export", str(checkpoint),
+    result = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
                              "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "repo" / "m" / "config.pbtxt").is_file() and "tritonserver" in result.stdout
-    again = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", "export", str(checkpoint),
+    again = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
                             "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from reformer_rt.models import ReformerConfig
-from reformer_rt.runtime.serving.process import ServeProcess
+from reformer_rt.runtime.bench.server_process import ServeProcess
 
 #: Byte vocabulary (so the text input is offered), LSH and local layers, 2 hash rounds, chunk 16.
 TINY = ReformerConfig(

@@ -186,8 +186,8 @@ def test_restricted_header_and_tls(tiny_checkpoint, tmp_path) -> None:
 
 
 def _serve_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.cli", "serve", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -234,7 +234,7 @@ def test_without_models_the_demo_is_served_and_sigint_stops_it(tmp_path) -> None
 def test_bench_serve_sweeps_both_modes_and_writes_its_report(tiny_checkpoint, tmp_path) -> None:
     """The benchmark command end to end on a tiny workload (its figures are not checked: benchmarks, not tests)."""
     result = subprocess.run(
-        [sys.executable, "-m", "reformer_rt.runtime.cli", "bench", "serve", str(tiny_checkpoint), "--backend",
+        [sys.executable, "-m", "reformer_rt.runtime.commands.cli", "bench", "serve", str(tiny_checkpoint), "--backend",
          "torch", "--concurrency", "1,3", "--requests", "6", "--lengths", "20-200", "--overhead-length", "256",
          "--overhead-repeat", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,23 +20,22 @@ import os
 import signal
 import sys
 
-
 #: Modules providing ``add_parser(subparsers)``, in the order ``--help`` lists them.
 COMMANDS = (
-    "reformer_rt.runtime.demo",
-    "reformer_rt.runtime.export_cmd",
-    "reformer_rt.runtime.run_cmd",
-    "reformer_rt.runtime.generate_cmd",
-    "reformer_rt.runtime.serve_cmd",
-    "reformer_rt.runtime.bench",
-    "reformer_rt.runtime.build_cmd",
-    "reformer_rt.runtime.doctor",
+    "reformer_rt.runtime.commands.demo",
+    "reformer_rt.runtime.commands.export",
+    "reformer_rt.runtime.commands.run",
+    "reformer_rt.runtime.commands.generate",
+    "reformer_rt.runtime.commands.serve",
+    "reformer_rt.runtime.bench.forward",
+    "reformer_rt.runtime.commands.build",
+    "reformer_rt.runtime.commands.doctor",
 )
 
 
 #: Two-word commands whose first word is also a command of its own, -> the module providing the second word.
-NESTED = {("bench", "serve"): "reformer_rt.runtime.bench_serve",
-          ("bench", "generate"): "reformer_rt.runtime.bench_generate"}
+NESTED = {("bench", "serve"): "reformer_rt.runtime.bench.serve",
+          ("bench", "generate"): "reformer_rt.runtime.bench.generate"}
 #: OS errors that are the machine's answer, not a bug: reported like a ``ReformerError`` wherever they surface.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from reformer_rt.export.metadata import export_metadata
 from reformer_rt.models import InputError
 
-from .artifacts import ENGINE_SUFFIXES
-from .engine_builder import BuildOptions, engine_for
-from .engine_cache import EngineCache, sidecar_path, write_engine_file
-from .engine_profiles import make_profile, parse_batch_length
+from ..artifacts import ENGINE_SUFFIXES
+from ..engine_builder import BuildOptions, engine_for
+from ..engine_cache import EngineCache, sidecar_path, write_engine_file
+from ..engine_profiles import make_profile, parse_batch_length
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -8,11 +8,12 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from reformer_rt.plugins import bench_gpu  # noqa: E402
-from reformer_rt.plugins.bench_report import (DENSE_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, Target,  # noqa: E402
-                                              Timing, benchmark_targets, format_table, format_targets,
-                                              headline_targets)
-from reformer_rt.plugins.dense_baseline import DenseTransformer  # noqa: E402
+from reformer_rt.runtime.bench import gpu as bench_gpu  # noqa: E402
+from reformer_rt.runtime.bench.dense_baseline import DenseTransformer  # noqa: E402
+from reformer_rt.runtime.bench.gpu_report import (  # noqa: E402
+    DENSE_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, Target, Timing, benchmark_targets, format_table, format_targets,
+    headline_targets,
+)
 
 
 def test_bench_arguments_and_table() -> None:

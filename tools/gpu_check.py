@@ -1,18 +1,19 @@
 """``make gpu-check OUT=DIR``: prove and time the whole CUDA path on one GPU machine, in one command.
 
 Runs on a machine as it is -- preinstalled torch (CUDA build), triton, transformers, pytest; no package index,
-nothing installed: run as a file (``python3 runtime/gpu_check.py --out DIR``, what ``make gpu-check`` does), it
+nothing installed: run as a file (``python3 tools/gpu_check.py --out DIR``, what ``make gpu-check`` does), it
 links the checkout's packages under ``build/import-path/reformer_rt/`` (the package-dir mapping of
-pyproject.toml), puts that first on ``PYTHONPATH`` and runs itself as ``reformer_rt.runtime.gpu_check``; every
-step inherits the path. Steps, each in its own process with its own timeout, all within one wall-time budget
-(``--budget``, default 480 s; a hung step is killed with its process group and the next one runs):
+pyproject.toml) and puts that first on its own import path and on ``PYTHONPATH``; every step inherits the path.
+A development tool of this repository, not part of the installed package. Steps, each in its own process with its
+own timeout, all within one wall-time budget (``--budget``, default 480 s; a hung step is killed with its process
+group and the next one runs):
 
 ==========  =============================================================================================
 doctor      ``reformer-rt doctor``: versions, providers, Triton self-test (fp32, fp16), tiny-model CUDA forward
 gpu-tests   ``pytest tests/gpu -m gpu``: compiled kernels, model and Session on CUDA (a skip fails the step)
-session     the demo model through ``Session`` on CUDA vs the CPU reference, bucket by bucket (``gpu_session``)
-headline    crime-and-punishment architecture, 524,288 tokens: Session, fp16 model, HF eager (``gpu_session``)
-bench       ``python -m reformer_rt.plugins.bench_gpu --profile``: parity at 4K-64K, layer and model timings
+session     the demo model through ``Session`` on CUDA vs the CPU reference, bucket by bucket (``tools/gpu_session.py``)
+headline    crime-and-punishment architecture, 524,288 tokens: Session, fp16 model, HF eager (``gpu_session.py``)
+bench       ``python -m reformer_rt.runtime.bench.gpu --profile``: parity at 4K-64K, layer and model timings
 ==========  =============================================================================================
 
 Writes under DIR (8 files): ``gpu_check.log`` (every step's output), ``gpu_check.json`` (steps, wall times,
@@ -43,7 +44,8 @@ from xml.etree import ElementTree
 
 #: Whole-check wall time (s) for an H100; every step's timeout is cut to what is left of it.
 DEFAULT_BUDGET_S = 480
-REPO = Path(__file__).resolve().parents[1]
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +105,15 @@ def _judge_bench(code: int, output: str, out: Path) -> tuple[bool, str]:
 def steps(out: Path) -> list[Step]:
     python = sys.executable
     return [
-        Step("doctor", [python, "-m", "reformer_rt.runtime.cli", "doctor"], 150, 30, _judge_by_exit("doctor:")),
+        Step("doctor", [python, "-m", "reformer_rt.runtime.commands.cli", "doctor"], 150, 30,
+             _judge_by_exit("doctor:")),
         Step("gpu-tests", [python, "-m", "pytest", str(REPO / "tests" / "gpu"), "-m", "gpu", "-q", "-p",
                            "no:cacheprovider", f"--junitxml={out / 'tests.xml'}"], 240, 110, _judge_tests),
-        Step("session", [python, "-m", "reformer_rt.runtime.gpu_session", "parity", "--out",
-                         str(out / "session.json")], 150, 45, _judge_by_exit("session parity:")),
-        Step("headline", [python, "-m", "reformer_rt.runtime.gpu_session", "headline", "--out",
-                          str(out / "headline.json")], 150, 40, _judge_by_exit("headline:")),
-        Step("bench", [python, "-m", "reformer_rt.plugins.bench_gpu", "--profile", "--out", str(out / "bench")],
+        Step("session", [python, str(TOOLS / "gpu_session.py"), "parity", "--out", str(out / "session.json")], 150, 45,
+             _judge_by_exit("session parity:")),
+        Step("headline", [python, str(TOOLS / "gpu_session.py"), "headline", "--out", str(out / "headline.json")], 150,
+             40, _judge_by_exit("headline:")),
+        Step("bench", [python, "-m", "reformer_rt.runtime.bench.gpu", "--profile", "--out", str(out / "bench")],
              330, 180, _judge_bench),
     ]
 
@@ -167,7 +170,7 @@ def _targets(out: Path) -> list[dict]:
 
 
 def summary(results: Sequence[StepResult], targets: Sequence[dict], device: str, seconds: float) -> str:
-    from reformer_rt.plugins.bench_report import Target, format_targets
+    from reformer_rt.runtime.bench.gpu_report import Target, format_targets
 
     estimates = {s.name: s.estimate_s for s in steps(Path())}
     lines = [f"gpu-check on {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
@@ -254,10 +257,8 @@ def import_path() -> Path:
 
 
 if __name__ == "__main__":
-    if not __package__:  # run as a file: import the checkout through its import path, as a module
-        if cuda_missing():
-            sys.exit(main())  # says why and exits 2 before anything is linked or imported
-        path = os.pathsep.join(p for p in (str(import_path()), os.environ.get("PYTHONPATH")) if p)
-        os.execve(sys.executable, [sys.executable, "-m", "reformer_rt.runtime.gpu_check", *sys.argv[1:]],
-                  {**os.environ, "PYTHONPATH": path})
+    if not cuda_missing():  # else main() says why and exits 2 before anything is linked or imported
+        linked = str(import_path())
+        sys.path.insert(0, linked)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (linked, os.environ.get("PYTHONPATH")) if p)
     sys.exit(main())

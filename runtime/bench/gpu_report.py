@@ -1,4 +1,4 @@
-"""Rows, tables and targets of the GPU benchmark (``bench_gpu``) and of the headline run (``make gpu-check``).
+"""Rows, tables and targets of the GPU benchmark (``bench/gpu.py``) and of the headline run (``make gpu-check``).
 
 A ``Timing`` is one measurement (median ms; peak memory as ``peak_gb`` = extra over what was allocated before the
 call, and ``total_gb`` = the whole device allocation at its peak, weights and inputs included). A ``Target`` is one
@@ -70,7 +70,7 @@ def _value(row: Timing | None, field: str) -> float | None:
 
 
 def benchmark_targets(rows: Sequence[Timing]) -> list[Target]:
-    """The op and 12-layer targets on ``bench_gpu`` rows (fp16, B=1)."""
+    """The op and 12-layer targets on ``bench/gpu.py`` rows (fp16, B=1)."""
     op = _find(rows, LAYER, OURS_OP, 65536)
     ours = {n: _find(rows, MODEL, OURS_MODEL, n) for n in (16384, 65536)}
     dense = {n: _find(rows, MODEL, DENSE_MODEL, n) for n in (16384, 65536)}

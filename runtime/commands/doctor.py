@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reformer_rt.models import ReformerConfig, ReformerLM
 from reformer_rt.models.lsh import OP_ID, LSHAttrs
+from reformer_rt.models.presets import random_model
 
-from .errors import BackendUnavailable
-from .hardware import gpu_info
+from ..errors import BackendUnavailable
+from ..hardware import gpu_info
 
 OK, ABSENT, FAILED = "ok", "absent", "FAILED"
 TENSORRT, PLUGIN, SELF_TEST = "tensorrt", "lsh plugin", "tensorrt self-test"
@@ -163,8 +163,8 @@ def check_cuda_forward() -> Check:
         return Check(CUDA_FORWARD, ABSENT, missing)
     from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 
-    model = tiny_model()
-    on_gpu = tiny_model().cuda()
+    model = random_model()
+    on_gpu = random_model().cuda()
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch, length, ragged in SELF_TEST_CASES:
@@ -220,7 +220,7 @@ def check_onnxruntime() -> Check:
 
 
 def check_tensorrt() -> Check:
-    from .engine_builder import import_tensorrt
+    from ..engine_builder import import_tensorrt
 
     try:
         trt = import_tensorrt()
@@ -235,7 +235,7 @@ def _matching_wheel() -> str:
 
 
 def check_plugin() -> Check:
-    from .tensorrt_backend import plugin_registered
+    from ..tensorrt_backend import plugin_registered
 
     if plugin_registered():
         return Check(PLUGIN, OK, f"{OP_ID} is registered with TensorRT")
@@ -247,11 +247,11 @@ def tensorrt_self_test() -> Check:
     from reformer_rt.export import export_onnx
     from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 
-    from .engine_builder import BuildOptions, engine_for
-    from .engine_profiles import make_profile, parse_batch_length
-    from .tensorrt_backend import TensorRTBackend
+    from ..engine_builder import BuildOptions, engine_for
+    from ..engine_profiles import make_profile, parse_batch_length
+    from ..tensorrt_backend import TensorRTBackend
 
-    model = tiny_model()
+    model = random_model()
     with tempfile.TemporaryDirectory(prefix="reformer_rt_doctor_") as tmp:
         onnx_path = Path(tmp) / "doctor.onnx"
         export_onnx(model, onnx_path, attention="plugin", validate=False, log=None)
@@ -274,20 +274,6 @@ def tensorrt_self_test() -> Check:
 
 #: (batch, length, ragged): short path, hashed path at chunk multiples and not, padded rows, the profile's edges.
 SELF_TEST_CASES = ((1, 1, False), (2, 5, False), (3, 40, True), (1, 27, False), (2, 64, True), (3, 64, False))
-
-
-def tiny_model() -> ReformerLM:
-    """A random 3-layer LM (LSH, local, LSH; 2 hash rounds; chunk 8) small enough to export and build in seconds."""
-    config = ReformerConfig(vocab_size=32, hidden_size=32, num_attention_heads=2, attention_head_size=16,
-                            attn_layers=("lsh", "local", "lsh"), feed_forward_size=64, axial_pos_embds=False,
-                            max_position_embeddings=64, lsh_attn_chunk_length=8, local_attn_chunk_length=8,
-                            num_hashes=2, num_buckets=4, hash_seed=1, is_decoder=True)
-    torch.manual_seed(0)
-    model = ReformerLM(config)
-    with torch.no_grad():  # default inits leave layer norms at 1/0; perturb so every weight matters
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model.eval()
 
 
 PROBES = (("python", check_python), ("torch", check_torch), ("triton", check_triton),

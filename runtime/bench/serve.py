@@ -32,10 +32,10 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from .artifacts import write_files_atomic
-from .bench import make_out_dir, parse_ints
-from .hardware import machine_name
-from .session import BACKENDS
+from ..artifacts import write_files_atomic
+from ..hardware import machine_name
+from ..session import BACKENDS
+from .forward import make_out_dir, parse_ints
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -244,7 +244,7 @@ def overhead(args: argparse.Namespace, model_path: Path, url: str, metrics_url: 
       through the server, in process again (not alternately: a CPU backend's thread pool keeps spinning a while
       after each run and would slow the other process). On a shared CPU this comparison carries the machine's
       noise between processes (about 10 % here)."""
-    from .session import Session
+    from ..session import Session
 
     ids = _workload(1, (args.overhead_length, args.overhead_length), vocab, args.seed)[0]
     session = Session(model_path, backend=args.backend)
@@ -333,8 +333,8 @@ def table(points: list[Point]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serving import require_serve_extra
-    from .serving.process import ServeProcess
+    from ..serving import require_serve_extra
+    from .server_process import ServeProcess
 
     require_serve_extra()
 
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
         points, model, _ = sweep("server", args, args.url, levels)
         extra["model"] = model
     else:
-        from .demo import demo_model_dir
+        from reformer_rt.models.presets import demo_model_dir
 
         model_path = args.model or demo_model_dir()
         extra["model"] = str(model_path)

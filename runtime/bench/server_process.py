@@ -26,8 +26,8 @@ READY_LINE = "reformer-rt serve: ready"
 
 class ServeProcess:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, start_timeout_s: float = 600.0) -> None:
-        command = [sys.executable, "-m", "reformer_rt.runtime.cli", "serve", "--http-port", "0", "--grpc-port", "0",
-                   "--metrics-port", "0", *args]
+        command = [sys.executable, "-m", "reformer_rt.runtime.commands.cli", "serve", "--http-port", "0",
+                   "--grpc-port", "0", "--metrics-port", "0", *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                         env={**os.environ, **(env or {})})
         self.lines: list[str] = []

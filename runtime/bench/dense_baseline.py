@@ -2,7 +2,7 @@
 
 What users run instead of a Reformer: pre-LayerNorm blocks of causal self-attention through
 ``F.scaled_dot_product_attention(is_causal=True)`` -- FlashAttention on fp16 CUDA tensors (Dao et al., 2022) --
-and a GELU feed-forward. Sized like the enwik8 Reformer it is compared with (``bench_gpu``): 12 layers, d_model
+and a GELU feed-forward. Sized like the enwik8 Reformer it is compared with (``bench/gpu.py``): 12 layers, d_model
 1024, 8 heads x 128, feed-forward 4096, the same vocabulary. No position table (a learned or rotary one costs
 little next to attention). Random weights; it exists to be timed, and returns the last hidden state [B, L, d].
 """

@@ -1,7 +1,7 @@
 """``make triton-check``: a repository written by ``reformer-rt export --triton-repo`` under a real NVIDIA Triton
 Inference Server, answering exactly what ``reformer-rt serve`` answers.
 
-    python -m reformer_rt.runtime.triton_check [--out build/triton-check] [--venv build/triton-venv]
+    python tools/triton_check.py [--out build/triton-check] [--venv build/triton-venv]
 
 Steps (CPU only; needs the package index once):
 
@@ -172,15 +172,15 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reformer_rt.runtime.triton_check", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python tools/triton_check.py", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "triton-check")
     parser.add_argument("--venv", type=Path, default=REPO / "build" / "triton-venv",
                         help="the Triton environment (made on first use, then reused)")
     parser.add_argument("--torch", default="torch==2.13.0", help="torch requirement for the Triton environment")
     args = parser.parse_args(argv)
-    from .demo import demo_model_dir
-    from .serving.process import ServeProcess
+    from reformer_rt.models.presets import demo_model_dir
+    from reformer_rt.runtime.bench.server_process import ServeProcess
 
     args.out.mkdir(parents=True, exist_ok=True)
     venv_python = make_venv(args.venv, args.torch)

@@ -39,15 +39,15 @@ import numpy as np
 from reformer_rt.export.metadata import package_version
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS, max_length_of
-from .batching import bucket_length
-from .outputs import SequenceJob
-from .generation import TokenEvent
-from .serving import generating
-from .serving.model import ServedModel
-from .serving.protocol import BadRequest, InferRequest, InferResponse, PayloadTooLarge
-from .serving.routes import check_restricted, find_slot, handle, repository_index
-from .serving.scheduler import iterate_in_worker
+from ..artifacts import DEFAULT_MAX_TOKENS, max_length_of
+from ..batching import bucket_length
+from ..generation import TokenEvent
+from ..outputs import SequenceJob
+from . import generating
+from .model import ServedModel
+from .protocol import BadRequest, InferRequest, InferResponse, PayloadTooLarge
+from .routes import check_restricted, find_slot, handle, repository_index
+from .scheduler import iterate_in_worker
 
 log = logging.getLogger("reformer_rt.serve")
 
@@ -92,7 +92,7 @@ class ReformerReplica:
     """The body of the deployment (``deployment()`` wraps it): one replica, every model, the v2 endpoints."""
 
     def __init__(self, options: RayServeOptions) -> None:
-        from .session import Session
+        from ..session import Session
 
         self.options = options
         self.live = self.ready = False
@@ -300,7 +300,7 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
     import signal
     import threading
 
-    from .serve_cmd import restricted_header
+    from ..commands.serve import restricted_header
 
     try:
         import ray

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reformer_rt.runtime import gpu_check
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+sys.path.insert(0, str(TOOLS))
+import gpu_check  # noqa: E402  (a tool of the repository, not of the package)
 
 REPO = gpu_check.REPO
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the no-GPU exit is moot")
@@ -22,7 +24,7 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU 
 @needs_no_gpu
 def test_without_a_gpu_it_says_so_and_exits_2_quickly(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "runtime/gpu_check.py", "--out", str(tmp_path / "gc")], cwd=REPO,
+    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(tmp_path / "gc")], cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2, result.stderr
     assert "no CUDA GPU" in result.stderr and "Nothing was run" in result.stderr
@@ -41,11 +43,11 @@ def test_import_path_makes_reformer_rt_this_checkout() -> None:
     root = gpu_check.import_path()
     links = {p.name: p.resolve() for p in (root / "reformer_rt").iterdir()}
     assert links == {name: REPO / name for name in ("export", "models", "plugins", "runtime")}
-    code = "import reformer_rt.models.demo, reformer_rt.runtime.gpu_check as g; print(g.__file__)"
+    code = "import reformer_rt.models.demo, reformer_rt.runtime.commands.cli as c; print(c.__file__)"
     result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(root), "PATH": ""}, cwd="/",
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(root / "reformer_rt" / "runtime" / "gpu_check.py")
+    assert result.stdout.strip() == str(root / "reformer_rt" / "runtime" / "commands" / "cli.py")
 
 
 def _step(name: str, code: str, timeout_s: int = 60) -> gpu_check.Step:

@@ -25,8 +25,8 @@ from typing import Any
 
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS
-from .session import BACKENDS, DTYPES
+from ..artifacts import DEFAULT_MAX_TOKENS
+from ..session import BACKENDS, DTYPES
 
 log = logging.getLogger("reformer_rt.serve")
 
@@ -154,7 +154,7 @@ def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]
             raise InputError(f"model {name!r}: given twice; name each model once (NAME=PATH)")
         specs[name] = {"path": path}
     if not specs:
-        from .demo import demo_model_dir
+        from reformer_rt.models.presets import demo_model_dir
 
         specs["demo"] = {"path": str(demo_model_dir())}
     return specs
@@ -185,18 +185,18 @@ def log_to_stderr() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serving import require_serve_extra
+    from ..serving import require_serve_extra
 
     require_serve_extra()
-    from .serving.model import ServedModel
-    from .serving.scheduler import SchedulerOptions
-    from .serving.server import InferenceServer, ServerOptions
-    from .session import Session
+    from ..serving.model import ServedModel
+    from ..serving.scheduler import SchedulerOptions
+    from ..serving.server import InferenceServer, ServerOptions
+    from ..session import Session
 
     log_to_stderr()
     config = settings(args)
     if args.ray:
-        from .ray_serve import serve_on_ray
+        from ..serving.ray_serve import serve_on_ray
 
         return serve_on_ray(args, config)
     models = []

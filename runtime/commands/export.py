@@ -1,5 +1,5 @@
 """``reformer-rt export``: the export command of ``reformer_rt.export.cli``, plus ``--triton-repo`` -- a Triton
-Inference Server model repository instead of one ONNX file (``triton_repo.py``), which needs the runtime (a
+Inference Server model repository instead of one ONNX file (``serving/triton_repo.py``), which needs the runtime (a
 Session describes the served interface), so it is added here rather than in ``export/``.
 
     reformer-rt export CHECKPOINT -o model.onnx                         # an ONNX file (export/cli.py)
@@ -14,8 +14,8 @@ from pathlib import Path
 from reformer_rt.export import cli as export_cli
 from reformer_rt.models import InputError
 
-from .session import BACKENDS
-from .triton_repo import DEFAULT_QUEUE_DELAY_US, TRITON_BACKENDS
+from ..serving.triton_repo import DEFAULT_QUEUE_DELAY_US, TRITON_BACKENDS
+from ..session import BACKENDS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.attention == "plugin":
         raise InputError("--attention plugin with --triton-repo: a plugin-form graph runs on TensorRT only; give the "
                          "TensorRT engine (reformer-rt build) as MODEL for the python layout")
-    from .triton_repo import write_repository
+    from ..serving.triton_repo import write_repository
 
     target = write_repository(Path(args.source), args.triton_repo, name=args.name, triton_backend=args.triton_backend,
                               backend=args.backend, device=args.device, queue_delay_us=args.max_queue_delay_us,

@@ -31,7 +31,7 @@ from typing import Any
 
 from reformer_rt.models import InputError
 
-from .artifacts import artifact_kind, external_data_files
+from ..artifacts import artifact_kind, external_data_files
 
 TRITON_BACKENDS = ("python", "onnxruntime")
 VERSION = "1"
@@ -54,9 +54,9 @@ def _config_pb() -> Any:
 
 def python_config(name: str, source: Path, backend: str, device: str | None, queue_delay_us: int) -> Any:
     """The Python-backend ``ModelConfig``: the served model's own interface, opened once here to describe it."""
-    from .serving.model import ServedModel
-    from .serving.triton_python import ARTIFACT_PARAMETER, BACKEND_PARAMETER
-    from .session import Session
+    from ..session import Session
+    from .model import ServedModel
+    from .triton_python import ARTIFACT_PARAMETER, BACKEND_PARAMETER
 
     pb = _config_pb()
     session = Session(source, backend=backend, device="cpu" if backend != "tensorrt" else None)
@@ -77,8 +77,8 @@ def onnxruntime_config(name: str, onnx_path: Path) -> Any:
     from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
     from reformer_rt.models import ReformerConfig
 
-    from .outputs import RAW_OUTPUTS, raw_name
-    from .serving.model import MAX_SEQUENCES_PER_REQUEST
+    from ..outputs import RAW_OUTPUTS, raw_name
+    from .model import MAX_SEQUENCES_PER_REQUEST
 
     pb = _config_pb()
     meta = export_metadata(onnx_path, attention="portable")
@@ -133,7 +133,7 @@ def write_repository(source: Path, repository: Path, name: str | None = None, tr
     kind = artifact_kind(source)
     if triton_backend not in TRITON_BACKENDS:
         raise InputError(f"--triton-backend: got {triton_backend!r}; expected one of {TRITON_BACKENDS} (an engine "
-                         "goes through the python backend: see reformer_rt.runtime.triton_repo)")
+                         "goes through the python backend: see reformer_rt.runtime.serving.triton_repo)")
     if triton_backend == "onnxruntime" and kind == "engine":
         raise InputError(f"{source}: a TensorRT engine cannot run on Triton's onnxruntime backend; use "
                          "--triton-backend python")

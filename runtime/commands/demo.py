@@ -13,8 +13,6 @@ import argparse
 import math
 import sys
 import time
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,18 +21,15 @@ import torch.nn.functional as F
 from reformer_rt.models import InputError, ReformerLM
 from reformer_rt.models.attention import LSHSelfAttention
 from reformer_rt.models.lsh import lsh_candidates
+from reformer_rt.models.presets import demo_model_dir
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus
 
-from .hardware import machine_name
-from .session import BACKENDS, Session
-from .tokenizers import prompt_ids
+from ..hardware import machine_name
+from ..session import BACKENDS, Session
+from ..tokenizers import prompt_ids
 
 DEFAULT_PROMPT = "def "
-
-
-def demo_model_dir() -> Path:
-    return Path(str(resources.files("reformer_rt.models") / "demo"))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

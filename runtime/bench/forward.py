@@ -34,29 +34,14 @@ from typing import TYPE_CHECKING
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.errors import os_error_hint
+from reformer_rt.models.presets import ARCHITECTURES
 
-from .artifacts import write_files_atomic
-from .hardware import machine_name
+from ..artifacts import write_files_atomic
+from ..hardware import machine_name
 
 if TYPE_CHECKING:  # numpy is imported where the work is, not at CLI start-up
     import numpy as np
 
-CRIME_AND_PUNISHMENT = ReformerConfig(
-    vocab_size=320, hidden_size=256, num_attention_heads=2, attention_head_size=128,
-    attn_layers=("local", "lsh", "local", "lsh", "local", "lsh"), feed_forward_size=512, hidden_act="relu",
-    is_decoder=True, axial_pos_embds=True, axial_pos_shape=(512, 1024), axial_pos_embds_dim=(64, 192),
-    max_position_embeddings=524288, lsh_attn_chunk_length=64, local_attn_chunk_length=64, num_hashes=1,
-    num_buckets=(64, 128), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
-    local_num_chunks_before=1, local_num_chunks_after=0)
-ENWIK8_LIKE = ReformerConfig(
-    vocab_size=258, hidden_size=512, num_attention_heads=8, attention_head_size=64,
-    attn_layers=("local", "lsh", "local", "lsh", "local", "lsh"), feed_forward_size=2048, hidden_act="relu",
-    is_decoder=True, axial_pos_embds=True, axial_pos_shape=(256, 256), axial_pos_embds_dim=(128, 384),
-    max_position_embeddings=65536, lsh_attn_chunk_length=128, local_attn_chunk_length=128, num_hashes=4,
-    num_buckets=(32, 32), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
-    local_num_chunks_before=1, local_num_chunks_after=0)
-#: Architectures ``bench`` builds with random weights when no checkpoint is given (``--arch``).
-ARCHITECTURES = {"crime-and-punishment": CRIME_AND_PUNISHMENT, "enwik8-like": ENWIK8_LIKE}
 PROFILE_TOP = 12  # operator types listed per profiled point
 WORKER_TIMEOUT_S = 1800
 #: How a worker's failure starts when it is a user error (the CLI's one-line format); stripped in the report.
@@ -116,7 +101,7 @@ def _worker(spec: dict) -> dict:
             with torch.inference_mode():
                 model(tensor)
     else:
-        from .session import Session
+        from ..session import Session
 
         path = spec.get("onnx") or spec["checkpoint"]
         session = Session(path, backend=spec["backend"], threads=spec["threads"],
@@ -190,7 +175,7 @@ def _peak_rss_bytes() -> int:
 
 def _measure(spec: dict) -> dict:
     """One point in a fresh worker process: its measurement, or its error and the worker's exit code."""
-    command = [sys.executable, "-m", "reformer_rt.runtime.bench", "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "reformer_rt.runtime.bench.forward", "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -377,6 +362,6 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    from .cli import main
+    from ..commands.cli import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

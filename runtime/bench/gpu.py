@@ -1,4 +1,4 @@
-"""GPU check and benchmark of the Triton LSH kernels: ``python -m reformer_rt.plugins.bench_gpu --out DIR``.
+"""GPU check and benchmark of the Triton LSH kernels: ``python -m reformer_rt.runtime.bench.gpu --out DIR``.
 
 One run, on one CUDA GPU, everything in the same process so every figure shares the device:
 
@@ -13,7 +13,7 @@ One run, on one CUDA GPU, everything in the same process so every figure shares 
    ``ReformerModel`` with the same weights, and the baseline to beat, a dense 12-layer transformer of the same
    width with FlashAttention (``dense_baseline``). ``--profile`` adds per-kernel CUDA times of our model at the
    longest length (torch.profiler).
-4. The op and model targets (``bench_report.benchmark_targets``), each met or missed with its ratio.
+4. The op and model targets (``gpu_report.benchmark_targets``), each met or missed with its ratio.
 
 Timing: the median of CUDA-event-timed calls after one warm-up call (which also compiles), as many as fit in
 ~300 ms (3 to 20). Not ``triton.testing.do_bench``: it calls the function 5 times just to estimate its duration
@@ -49,12 +49,14 @@ import torch
 from reformer_rt.models import LSHAttrs, ReformerConfig, ReformerModel
 from reformer_rt.models.attention import LSHSelfAttention, lsh_attrs
 from reformer_rt.models.lsh_op import KERNELS_ENV
+from reformer_rt.plugins.lsh_triton import lsh_attention_triton
+from reformer_rt.plugins.parity import compare, random_inputs
 
-from .bench_report import (DENSE_MODEL, DENSE_OP, HF_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, ParityRow, Timing,
-                           benchmark_targets, format_parity, format_table, format_targets)
 from .dense_baseline import DenseTransformer
-from .lsh_triton import lsh_attention_triton
-from .parity import compare, random_inputs
+from .gpu_report import (
+    DENSE_MODEL, DENSE_OP, HF_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, ParityRow, Timing, benchmark_targets,
+    format_parity, format_table, format_targets,
+)
 
 DEFAULT_LENGTHS = (4096, 16384, 65536)
 MODEL_LENGTHS = (16384, 65536)
@@ -69,7 +71,7 @@ ENWIK8 = dict(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m reformer_rt.plugins.bench_gpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reformer_rt.runtime.bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for bench.json and bench.md")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
                         help="sequence lengths of the parity checks and layer timings (multiples of 256)")
@@ -244,7 +246,7 @@ def _versions() -> dict[str, str | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_gpu: CUDA is not available; this benchmark needs an NVIDIA GPU with a CUDA build of torch "
+        print("bench gpu: CUDA is not available; this benchmark needs an NVIDIA GPU with a CUDA build of torch "
               "(the kernels' CPU check is `TRITON_INTERPRET=1 pytest tests/plugins`)", file=sys.stderr)
         sys.exit(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from reformer_rt.models import InputError
 
-from .artifacts import artifact_kind
-from .generation import STRATEGIES, TokenEvent
-from .run_cmd import _read_ids
-from .session import Session
-from .tokenizers import TextStream, Tokenizer, load_tokenizer, prompt_ids
+from ..artifacts import artifact_kind
+from ..generation import STRATEGIES, TokenEvent
+from ..session import Session
+from ..tokenizers import TextStream, Tokenizer, load_tokenizer, prompt_ids
+from .run import _read_ids
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""The runtime on a CUDA GPU: ``python -m reformer_rt.runtime.gpu_session parity|headline --out FILE.json``.
+"""The runtime on a CUDA GPU: ``python tools/gpu_session.py parity|headline --out FILE.json`` (a step of ``make
+gpu-check``, which puts the checkout on the import path).
 
 ``parity``: the bundled demo model through ``Session(backend="torch", device="cuda")`` (Triton kernels) on the
 demo's ragged long batch (16,384 / 12,288 / 7,000 / 3,000 tokens of held-out source) against the same checkpoint
@@ -20,7 +21,7 @@ near-ties"). So, for each sequence and LSH layer, with the qk each device fed to
 B=1: through ``Session(dtype="float16")`` on CUDA asking for the last position's logits (the figure the target is
 judged on; the torch backend computes the LM head at that position only), the same in fp32, the fp16 model called
 directly (what the Session adds), and HF eager fp16 on the same weights (time and memory, or the out-of-memory
-error it hits). Timing and memory as in ``reformer_rt.plugins.bench_gpu``.
+error it hits). Timing and memory as in ``reformer_rt.runtime.bench.gpu``.
 
 Exit status: 0 passed, 1 failed (a parity criterion, or one of our own measurements raised), 2 no CUDA GPU.
 """
@@ -43,16 +44,15 @@ import torch
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.attention import LSHSelfAttention
 from reformer_rt.models.lsh import lsh_candidates, lsh_hash
+from reformer_rt.models.presets import CRIME_AND_PUNISHMENT, demo_model_dir
 from reformer_rt.models.tokenizer import ByteTokenizer
-from reformer_rt.plugins.bench_gpu import timed
-from reformer_rt.plugins.bench_report import HEADLINE, Timing, format_table, format_targets, headline_targets
 from reformer_rt.plugins.lsh_triton import lsh_hash_triton
 from reformer_rt.plugins.parity import FP32_TOL
-
-from .bench import CRIME_AND_PUNISHMENT
-from .demo import AGREE_TOL, demo_model_dir, long_batch
-from .hardware import gpu_info
-from .session import Session
+from reformer_rt.runtime.bench.gpu import timed
+from reformer_rt.runtime.bench.gpu_report import HEADLINE, Timing, format_table, format_targets, headline_targets
+from reformer_rt.runtime.commands.demo import AGREE_TOL, long_batch
+from reformer_rt.runtime.hardware import gpu_info
+from reformer_rt.runtime.session import Session
 
 DEMO_LENGTHS = (16384, 12288, 7000, 3000)
 #: Largest relative difference of the hash inputs (qk) between the devices accepted as fp32 noise.
@@ -226,7 +226,7 @@ def headline(out: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reformer_rt.runtime.gpu_session",
+    parser = argparse.ArgumentParser(prog="python tools/gpu_session.py",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=("parity", "headline"))
     parser.add_argument("--out", type=Path, required=True, help="the JSON report to write")

@@ -39,12 +39,14 @@ import torch
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.decoding import DecodeCache, prefill, step
+from reformer_rt.models.presets import CRIME_AND_PUNISHMENT, demo_model_dir
 
-from .artifacts import write_files_atomic
-from .bench import (CRIME_AND_PUNISHMENT, USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes,
-                    _versions, check_failures, make_out_dir, parse_ints)
-from .demo import demo_model_dir
-from .hardware import machine_name
+from ..artifacts import write_files_atomic
+from ..hardware import machine_name
+from .forward import (
+    USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes, _versions, check_failures, make_out_dir,
+    parse_ints,
+)
 
 VARIANTS = ("cached", "hf", "recompute")
 NAMED_MODELS = ("crime-and-punishment", "demo")
@@ -147,7 +149,7 @@ def _time_recompute(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> t
 
 def _measure(spec: dict) -> dict:
     """One point in a fresh worker process: its measurement, or its error."""
-    command = [sys.executable, "-m", "reformer_rt.runtime.bench_generate", "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "reformer_rt.runtime.bench.generate", "--worker", json.dumps(spec)]
     point = {"model": spec["model"], "variant": spec["variant"], "length": spec["length"]}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
@@ -269,6 +271,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import main
+    from ..commands.cli import main
 
     sys.exit(main(["bench", "generate", *sys.argv[1:]]))

@@ -22,9 +22,9 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS, Payload, write_files_atomic
-from .session import BACKENDS, Session
-from .tokenizers import load_tokenizer
+from ..artifacts import DEFAULT_MAX_TOKENS, Payload, write_files_atomic
+from ..session import BACKENDS, Session
+from ..tokenizers import load_tokenizer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
