@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from reformer_rt.models import InputError
+from reformer_rt.models.presets import demo_model_dir
 
 from ..artifacts import DEFAULT_MAX_TOKENS
+from ..serving.spec import ModelSpec, SessionDefaults, model_specs
 from ..session import BACKENDS, DTYPES
 
 log = logging.getLogger("reformer_rt.serve")
@@ -128,36 +131,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected >= 0")
     if (out["tls_cert"] is None) != (out["tls_key"] is None):
         raise InputError("--tls-cert / --tls-key: got one of them; expected both (a PEM certificate and its key)")
-    out["models"] = _model_specs(args.models, config.get("models"))
+    out["models"] = model_specs(args.models, config.get("models"), ModelSpec("demo", str(demo_model_dir())),
+                                where="--config")
     return out
-
-
-def _model_specs(given: list[str], configured: Any) -> dict[str, dict[str, Any]]:
-    """name -> {"path", optional "backend"/"device"/"dtype"}; the demo model when nothing is given."""
-    specs: dict[str, dict[str, Any]] = {}
-    if configured is not None:
-        if not isinstance(configured, dict):
-            raise InputError("--config: 'models' must map names to paths or to {\"path\": ...} objects")
-        for name, value in configured.items():
-            spec = {"path": value} if isinstance(value, str) else value
-            if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) \
-                    or set(spec) - {"path", "backend", "device", "dtype"}:
-                raise InputError(f"--config: model {name!r}: got {value!r}; expected a path or an object with "
-                                 "'path' (and optionally 'backend', 'device', 'dtype')")
-            specs[name] = spec
-    for text in given:
-        name, _, path = text.rpartition("=") if "=" in text else ("", "", text)
-        name = name or Path(path).stem or Path(path).name
-        if not name or not path:
-            raise InputError(f"model {text!r}: expected NAME=PATH or PATH")
-        if name in specs:
-            raise InputError(f"model {name!r}: given twice; name each model once (NAME=PATH)")
-        specs[name] = {"path": path}
-    if not specs:
-        from reformer_rt.models.presets import demo_model_dir
-
-        specs["demo"] = {"path": str(demo_model_dir())}
-    return specs
 
 
 def restricted_header(value: str | None) -> tuple[str, str] | None:
@@ -184,40 +160,32 @@ def log_to_stderr() -> None:
     ours.propagate = False
 
 
+def session_defaults(config: dict[str, Any]) -> SessionDefaults:
+    return SessionDefaults(config["backend"], config["device"], config["dtype"], config["threads"],
+                           config["max_tokens_per_batch"])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..serving import require_serve_extra
 
     require_serve_extra()
-    from ..serving.model import ServedModel
-    from ..serving.scheduler import SchedulerOptions
-    from ..serving.server import InferenceServer, ServerOptions
-    from ..session import Session
-
     log_to_stderr()
     config = settings(args)
     if args.ray:
-        from ..serving.ray_serve import serve_on_ray
-
         return serve_on_ray(args, config)
+    from ..serving.model import ServedModel
+    from ..serving.server import InferenceServer
+
+    options = server_options(config)
+    defaults = session_defaults(config)
     models = []
-    for name, spec in config["models"].items():
-        session = Session(spec["path"], backend=spec.get("backend", config["backend"]),
-                          device=spec.get("device", config["device"]), threads=config["threads"],
-                          max_tokens_per_batch=config["max_tokens_per_batch"],
-                          dtype=spec.get("dtype", config["dtype"]))
-        log.info("reformer-rt serve: model %s = %s: backend %s (%s), device %s, max length %d, outputs %s", name,
-                 spec["path"], session.backend, session.backend_reason, session.device, session.max_length,
+    for spec in config["models"]:
+        session = spec.open(defaults)
+        log.info("reformer-rt serve: model %s = %s: backend %s (%s), device %s, max length %d, outputs %s", spec.name,
+                 spec.path, session.backend, session.backend_reason, session.device, session.max_length,
                  ", ".join(session.outputs))
-        models.append(ServedModel(name, session))
-    scheduler = SchedulerOptions(config["max_tokens_per_batch"], config["max_queue_delay_us"],
-                                 config["max_queue_size"], config["default_priority"], config["batching"])
-    options = ServerOptions(
-        host=config["host"], http_port=config["http_port"], grpc_port=config["grpc_port"],
-        metrics_port=config["metrics_port"], max_body_bytes=config["max_body_mb"] << 20, scheduler=scheduler,
-        restricted_header=restricted_header(config["restricted_header"]),
-        tls_cert=Path(config["tls_cert"]) if config["tls_cert"] else None,
-        tls_key=Path(config["tls_key"]) if config["tls_key"] else None,
-        drain_timeout_s=config["drain_timeout_s"], access_log=config["access_log"])
+        models.append(ServedModel(spec.name, session))
+    scheduler = options.scheduler
     log.info("reformer-rt serve: limits: %d padded tokens per batch, queue delay %d us, %d queued requests per "
              "model, body %d MiB, batching %s, default priority %d%s", scheduler.max_tokens_per_batch,
              scheduler.max_queue_delay_us, scheduler.max_queue_size, config["max_body_mb"],
@@ -226,13 +194,117 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(InferenceServer(models, options)))
 
 
+def server_options(config: dict[str, Any]) -> Any:
+    """``ServerOptions`` from the settings (``settings``)."""
+    from ..serving.host import ListenerOptions
+    from ..serving.scheduler import SchedulerOptions
+    from ..serving.server import ServerOptions
+
+    listeners = ListenerOptions(
+        host=config["host"], http_port=config["http_port"], grpc_port=config["grpc_port"],
+        metrics_port=config["metrics_port"], max_body_bytes=config["max_body_mb"] << 20,
+        tls_cert=Path(config["tls_cert"]) if config["tls_cert"] else None,
+        tls_key=Path(config["tls_key"]) if config["tls_key"] else None, access_log=config["access_log"])
+    scheduler = SchedulerOptions(config["max_tokens_per_batch"], config["max_queue_delay_us"],
+                                 config["max_queue_size"], config["default_priority"], config["batching"])
+    return ServerOptions(listeners, scheduler, restricted_header(config["restricted_header"]),
+                         config["drain_timeout_s"])
+
+
+def listeners(options: Any) -> list[Any]:
+    """The transports of ``reformer-rt serve``, each started over the server as its host: HTTP/REST (aiohttp),
+    gRPC (grpc.aio) and Prometheus metrics."""
+    from ..serving.grpc_api import start_grpc
+    from ..serving.http_api import start_http, start_metrics
+
+    bind = options.listeners
+    return [("http", lambda server: start_http(server, bind)), ("grpc", lambda server: start_grpc(server, bind)),
+            ("metrics", lambda server: start_metrics(server, server.metrics, bind))]
+
+
+def _scaling(args: Any) -> dict[str, Any]:
+    """Deployment options from ``--replicas`` / ``--autoscale`` / ``--max-ongoing-requests`` /
+    ``--max-queued-requests``."""
+    out: dict[str, Any] = {}
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not (sep and low.isdigit() and high.isdigit() and 0 <= int(low) <= int(high) and int(high) >= 1):
+            raise InputError(f"--autoscale: got {args.autoscale!r}; expected MIN:MAX replicas, such as 1:4")
+        out["autoscaling_config"] = {"min_replicas": int(low), "max_replicas": int(high)}
+    else:
+        replicas = 1 if args.replicas is None else args.replicas
+        if replicas < 1:
+            raise InputError(f"--replicas: got {replicas}; expected >= 1")
+        out["num_replicas"] = replicas
+    for name in ("max_ongoing_requests", "max_queued_requests"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise InputError(f"--{name.replace('_', '-')}: got {value}; expected >= 1")
+            out[name] = value
+    return out
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
+    """``reformer-rt serve --ray``: deploy on a local Ray cluster (or join ``--address``), serve until SIGTERM or
+    SIGINT, then remove the application (and stop the cluster this command started)."""
+    import signal
+    import threading
+
+    from ..serving.ray_serve import APP_NAME, RayServeOptions, deployment
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Serve ({exc}): pip install \"reformer-rt[ray]\"") from exc
+    if config["tls_cert"]:
+        raise InputError("--tls-cert with --ray: Ray Serve's HTTP proxy does not take this certificate; terminate "
+                         "TLS in front of it (a load balancer or ingress), or serve without --ray")
+    if not config["batching"]:
+        raise InputError("--no-batching with --ray: not supported; set --max-queue-delay-us 0 for the shortest "
+                         "batching delay")
+    defaults = dataclasses.replace(session_defaults(config), threads=config["threads"] or 1)
+    options = RayServeOptions(tuple(config["models"]), defaults, config["max_queue_delay_us"] / 1e6,
+                              config["max_body_mb"] << 20, restricted_header(config["restricted_header"]))
+    scaling = _scaling(args)
+    port = config["http_port"] or _free_port(config["host"])
+    started = not ray.is_initialized() and args.address is None
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    log.info("reformer-rt serve: Ray %s cluster %s, %s", ray.__version__, args.address or "local (started here)",
+             ", ".join(f"{k}={v}" for k, v in scaling.items()))
+    serve.start(http_options={"host": config["host"], "port": port})
+    serve.run(deployment(options, **scaling).bind(options), name=APP_NAME, route_prefix="/")
+    log.info("reformer-rt serve: HTTP/REST (KServe v2, Ray Serve) on http://%s:%d", config["host"], port)
+    log.info("reformer-rt serve: ready (%s)", ", ".join(sorted(spec.name for spec in options.models)))
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("reformer-rt serve: signal received; removing the application")
+    serve.delete(APP_NAME)
+    if started:
+        serve.shutdown()
+        ray.shutdown()
+    log.info("reformer-rt serve: stopped")
+    return 0
+
+
 async def _serve(server: Any) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        await server.start()
+        await server.start(listeners(server.options))
     except OSError as exc:
         await server.stop()
         raise InputError(f"cannot listen ({exc.strerror or exc}); choose free ports (--http-port/--grpc-port/"

@@ -1,14 +1,19 @@
 """reformer_rt.runtime.serving: the KServe v2 / Open Inference Protocol server behind ``reformer-rt serve``.
 
-``protocol`` (the wire format and error mapping, defined once) -> ``model`` (a Session as a v2 model) ->
-``routes`` (the HTTP endpoints, for any HTTP stack) -> ``scheduler`` (length-bucketed dynamic batching that keeps
-the batching contract) -> ``server`` (lifecycle, access control) with its transports ``http_api`` (aiohttp) and
-``grpc_api`` (grpc.aio), and ``metrics`` (Prometheus, Triton's names). ``triton_python`` is the model of a Triton
-Python-backend repository; ``process`` runs ``reformer-rt serve`` as a child process.
+``protocol`` (the wire format and error mapping, defined once) -> ``model`` (a Session as a v2 model: inputs,
+outputs, metadata) -> ``service`` (one ``ModelService`` per model: infer, generate, streams, readiness, warm-up --
+written once, parameterised by a ``Runner``) -> hosts, which keep lifecycle, access control and listeners:
 
-Importing the package imports nothing heavy: ``protocol``, ``model`` and ``triton_python`` need numpy only (the
-Triton Python backend's environment needs no web stack); the transports need the ``serve`` extra (aiohttp,
-grpcio, tritonclient[grpc], prometheus-client), checked by ``require_serve_extra``.
+* ``server`` (``reformer-rt serve``): runner ``scheduler`` (length-bucketed dynamic batching that keeps the
+  batching contract), ``metrics`` (Prometheus, Triton's names); transports ``http_api`` (aiohttp, over the
+  stack-neutral endpoint table ``routes``) and ``grpc_api`` (grpc.aio), composed by ``commands/serve.py``;
+* ``ray_serve`` (a Ray Serve deployment): runner ``RayRunner`` (``@serve.batch``), the same ``routes``;
+* ``triton_python`` (Triton's Python backend): runner ``GatherRunner``; ``triton_repo`` writes such repositories.
+
+Transports see a host through ``host.Host`` only; model specs (``NAME=PATH``, config entries) parse once in
+``spec``. Importing the package imports nothing heavy: ``protocol``, ``model``, ``service`` and ``triton_python``
+need numpy only (the Triton Python backend's environment needs no web stack); the transports need the ``serve``
+extra (aiohttp, grpcio, tritonclient[grpc], prometheus-client), checked by ``require_serve_extra``.
 """
 
 from __future__ import annotations

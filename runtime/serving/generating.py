@@ -117,7 +117,7 @@ def parse_json(model: ServedModel, body: bytes) -> GenerateRequest:
 
 
 # ------------------------------------------------------------------------------------------------- running
-#: How a host runs an iteration on a model's worker thread (``Scheduler.iterate``, or ``iterate_in_worker``).
+#: How a host runs an iteration where the model's Session runs (a ``Runner``'s ``iterate``, ``service.py``).
 Runner = Callable[[Callable[[], Iterator[Any]]], AsyncIterator[Any]]
 
 

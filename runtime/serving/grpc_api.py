@@ -8,123 +8,117 @@ request id; an error is sent on the stream as ``error_message`` and the stream g
 ``stream: true`` asking for generated outputs gets one response per token, as Triton's decoupled models send). The
 others (repository load/unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
 
-Errors abort the call with the code of ``protocol.error_status``; the restricted header, when configured, is read
-from the call's metadata (lower-case keys).
+Every unary method goes through one guard (``_guarded``): the host's access check on the call's metadata (lower-case
+keys), then the method; any exception aborts the call with the code of ``protocol.error_status``. The servicer
+receives a ``Host`` (``host.py``), never a server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from . import generating
-from .protocol import (
-    BadRequest, InferRequest, InferResponse, decode_grpc_request, encode_grpc_response, error_status,
-)
-
-if TYPE_CHECKING:
-    from .server import InferenceServer
+from .host import Host, ListenerOptions
+from .protocol import BadRequest, InferRequest, InferResponse, decode_grpc_request, encode_grpc_response, error_status
 
 log = logging.getLogger("reformer_rt.serve")
 
-#: gRPC's own message caps: requests up to the server's body cap, responses as large as gRPC allows.
+#: gRPC's own message caps: requests up to the listener's body cap, responses as large as gRPC allows.
 MAX_SEND_BYTES = 2**31 - 1
+Unary = Callable[["_Service", Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    status = error_status(exc)
+    if status.internal:
+        log.error("gRPC call failed", exc_info=exc)
+    await context.abort(grpc.StatusCode[status.grpc_code], status.message)
+
+
+def _check_access(host: Host, context: grpc.aio.ServicerContext) -> None:
+    host.check_access(dict(context.invocation_metadata() or ()))
+
+
+def _guarded(method: Unary) -> Unary:
+    """Access control, then the method; any exception aborts the call with its mapped status."""
+    @functools.wraps(method)
+    async def call(self: _Service, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            _check_access(self.host, context)
+            return await method(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return call
 
 
 class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: InferenceServer) -> None:
-        self.server = server
-
-    async def _guard(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Any]],
-                     public: bool = False) -> Any:
-        """Access control, then ``call``; any exception aborts with its mapped status."""
-        try:
-            if not public:
-                self.server.check_access(dict(context.invocation_metadata() or ()))
-            return await call()
-        except Exception as exc:
-            status = error_status(exc)
-            if status.internal:
-                log.error("gRPC call failed", exc_info=exc)
-            await context.abort(grpc.StatusCode[status.grpc_code], status.message)
+    def __init__(self, host: Host) -> None:
+        self.host = host
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return service_pb2.ServerLiveResponse(live=self.server.live)
+        return service_pb2.ServerLiveResponse(live=self.host.live)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self.server.ready)
+        return service_pb2.ServerReadyResponse(ready=self.host.ready)
 
+    @_guarded
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            entry = self.server.entry(request.name, request.version)
-            return service_pb2.ModelReadyResponse(ready=entry.ready and self.server.ready)
+        service = self.host.service(request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=service.ready and self.host.ready)
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            return service_pb2.ServerMetadataResponse(**self.server.server_metadata())
+        return service_pb2.ServerMetadataResponse(**self.host.server_metadata())
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            meta = self.server.entry(request.name, request.version).model.metadata()
-            message = service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
-                                                        platform=meta["platform"])
-            for field, tensors in (("inputs", meta["inputs"]), ("outputs", meta["outputs"])):
-                for tensor in tensors:
-                    getattr(message, field).add(**tensor)
-            return message
+        meta = self.host.service(request.name, request.version).metadata()
+        message = service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
+                                                    platform=meta["platform"])
+        for field, tensors in (("inputs", meta["inputs"]), ("outputs", meta["outputs"])):
+            for tensor in tensors:
+                getattr(message, field).add(**tensor)
+        return message
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            config = self.server.entry(request.name, request.version).model.config()
-            return service_pb2.ModelConfigResponse(config=config)
+        return service_pb2.ModelConfigResponse(config=self.host.service(request.name, request.version).config())
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            from google.protobuf import json_format
+        from google.protobuf import json_format
 
-            stats = self.server.statistics(request.name, request.version)
-            return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
+        stats = self.host.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            message = service_pb2.RepositoryIndexResponse()
-            for model in self.server.repository_index():
-                message.models.add(**model)
-            return message
+        message = service_pb2.RepositoryIndexResponse()
+        for model in self.host.repository_index():
+            message.models.add(**model)
+        return message
 
-        return await self._guard(context, call)
-
+    @_guarded
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def call() -> Any:
-            response = await self.server.infer(request.model_name, request.model_version,
-                                               lambda: decode_grpc_request(request))
-            return encode_grpc_response(response, service_pb2)
-
-        return await self._guard(context, call)
+        service = self.host.service(request.model_name, request.model_version)
+        response = await service.infer(lambda: decode_grpc_request(request))
+        return encode_grpc_response(response, service_pb2)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            self.server.check_access(dict(context.invocation_metadata() or ()))
+            _check_access(self.host, context)
         except Exception as exc:
-            status = error_status(exc)
-            await context.abort(grpc.StatusCode[status.grpc_code], status.message)
+            await _abort(context, exc)
         results: asyncio.Queue = asyncio.Queue()
 
         async def one(request: Any) -> None:
@@ -133,7 +127,8 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if decoded.parameters.get("stream") is True:
                     await self._stream_tokens(request, decoded, results)
                     return
-                result = await self.server.infer(request.model_name, request.model_version, lambda: decoded)
+                service = self.host.service(request.model_name, request.model_version)
+                result = await service.infer(lambda: decoded)
                 response = encode_grpc_response(result, service_pb2)
                 await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
@@ -158,15 +153,16 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_tokens(self, request: Any, decoded: InferRequest, results: asyncio.Queue) -> None:
         """A generation streamed as one response per token (``generating.py``)."""
-        entry = self.server.entry(request.model_name, request.model_version)
-        generate = generating.parse_infer(entry.model, decoded)
+        service = self.host.service(request.model_name, request.model_version)
+        model = service.model
+        generate = generating.parse_infer(model, decoded)
         if generate is None:
             raise BadRequest("parameter 'stream': streams a generation; ask for generated_ids or generated_text")
-        async for event, piece in self.server.generate_stream(request.model_name, request.model_version, generate):
+        async for event, piece in service.generate_stream(generate):
             outputs = [(generating.GENERATED_IDS, np.array([event.token], dtype=np.int64), True)]
-            if entry.model.tokenizer is not None:
+            if model.tokenizer is not None:
                 outputs.append((generating.GENERATED_TEXT, np.array([piece.encode()], dtype=object), True))
-            response = encode_grpc_response(InferResponse(entry.model.name, entry.model.version, request.id, outputs),
+            response = encode_grpc_response(InferResponse(model.name, model.version, request.id, outputs),
                                             service_pb2)
             response.parameters["prompt"].int64_param = event.prompt
             response.parameters["step"].int64_param = event.step
@@ -175,7 +171,7 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 response.parameters["finish_reason"].string_param = event.reason
             await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
         if decoded.parameters.get("triton_enable_empty_final_response") is True:
-            final = service_pb2.ModelInferResponse(model_name=entry.model.name, id=request.id)
+            final = service_pb2.ModelInferResponse(model_name=model.name, id=request.id)
             final.parameters["triton_final_response"].bool_param = True
             await results.put(service_pb2.ModelStreamInferResponse(infer_response=final))
 
@@ -188,11 +184,10 @@ class _GrpcListener:
         await self.server.stop(grace=5.0)
 
 
-async def start_grpc(server: InferenceServer) -> _GrpcListener:
-    options = server.options
+async def start_grpc(host: Host, options: ListenerOptions) -> _GrpcListener:
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", options.max_body_bytes),
                                            ("grpc.max_send_message_length", MAX_SEND_BYTES)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(server), grpc_server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(host), grpc_server)
     address = f"{options.host}:{options.grpc_port}"
     try:
         if options.tls_cert is not None:

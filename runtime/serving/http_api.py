@@ -1,8 +1,8 @@
 """The HTTP/REST listener of ``reformer-rt serve`` (aiohttp) and its Prometheus metrics listener.
 
-The endpoints themselves are ``routes.py``; this module moves bytes: the request body is read under the server's
-cap (over it: 413 with a JSON error), gzip/deflate request bodies are decompressed by aiohttp, infer responses
-are compressed when the client accepts it, and the listeners start and stop with the server.
+The endpoints themselves are ``routes.py``, over any ``Host``; this module moves bytes: the request body is read
+under the listener's cap (over it: 413 with a JSON error), gzip/deflate request bodies are decompressed by aiohttp,
+infer responses are compressed when the client accepts it, and the listeners start and stop with their host.
 """
 
 from __future__ import annotations
@@ -10,29 +10,27 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .host import Host, ListenerOptions
+from .metrics import CONTENT_TYPE, Metrics
 from .protocol import PayloadTooLarge
 from .routes import error_reply, handle
-
-if TYPE_CHECKING:
-    from .server import InferenceServer
 
 log = logging.getLogger("reformer_rt.serve")
 
 
-def make_app(server: InferenceServer) -> web.Application:
+def make_app(host: Host, max_body_bytes: int) -> web.Application:
     async def dispatch(request: web.Request) -> web.StreamResponse:
         async def read_body() -> bytes:
             try:
                 return await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise PayloadTooLarge(f"request body over {server.options.max_body_bytes:,} bytes; send fewer or "
-                                      "shorter sequences per request") from None
+                raise PayloadTooLarge(f"request body over {max_body_bytes:,} bytes; send fewer or shorter "
+                                      "sequences per request") from None
 
-        reply = await handle(server, request.method, request.path, request.headers, read_body)
+        reply = await handle(host, request.method, request.path, request.headers, read_body)
         if reply.stream is not None:
             return await _stream(request, reply.status, reply.headers, reply.body, reply.stream)
         response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
@@ -40,7 +38,7 @@ def make_app(server: InferenceServer) -> web.Application:
             response.enable_compression()
         return response
 
-    app = web.Application(client_max_size=server.options.max_body_bytes)
+    app = web.Application(client_max_size=max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
@@ -64,7 +62,7 @@ async def _stream(request: web.Request, status: int, headers: dict[str, str], fi
 
 
 class _Site:
-    """An aiohttp runner and site with the ``port`` and ``stop()`` the server's lifecycle expects."""
+    """An aiohttp runner and site with the ``port`` and ``stop()`` a host's lifecycle expects."""
 
     def __init__(self, runner: web.AppRunner) -> None:
         self.runner = runner
@@ -85,23 +83,30 @@ async def _serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext
     return listener
 
 
-async def start_http(server: InferenceServer, tls: ssl.SSLContext | None) -> _Site:
-    options = server.options
-    return await _serve(make_app(server), options.host, options.http_port, tls, options.access_log,
-                        "HTTP/REST (KServe v2)")
+def tls_context(options: ListenerOptions) -> ssl.SSLContext | None:
+    """The server side of TLS for the HTTP and metrics listeners (None: plain HTTP)."""
+    if options.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
+    return context
 
 
-async def start_metrics(server: InferenceServer, tls: ssl.SSLContext | None) -> _Site:
-    from .metrics import CONTENT_TYPE
+async def start_http(host: Host, options: ListenerOptions) -> _Site:
+    return await _serve(make_app(host, options.max_body_bytes), options.host, options.http_port, tls_context(options),
+                        options.access_log, "HTTP/REST (KServe v2)")
 
-    async def metrics(request: web.Request) -> web.Response:
+
+async def start_metrics(host: Host, metrics: Metrics, options: ListenerOptions) -> _Site:
+    """``GET /metrics``: Prometheus text exposition, behind the host's access control."""
+    async def exposition(request: web.Request) -> web.Response:
         try:
-            server.check_access(request.headers)
+            host.check_access(request.headers)
         except Exception as exc:  # 401 / 403
             reply = error_reply(exc)
             return web.Response(body=reply.body, status=reply.status, headers=reply.headers)
-        return web.Response(body=server.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics)])
-    return await _serve(app, server.options.host, server.options.metrics_port, tls, False, "metrics (Prometheus)")
+    app.add_routes([web.get("/metrics", exposition)])
+    return await _serve(app, options.host, options.metrics_port, tls_context(options), False, "metrics (Prometheus)")

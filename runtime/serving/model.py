@@ -48,7 +48,7 @@ class ParsedRequest:
     with_lengths: bool
     options: OutputOptions
     batched: bool  # False: a rank-1 input_ids, outputs without the batch dimension
-    priority: int
+    priority: int  # 0: the host's default level
     timeout_us: int | None
 
     @property
@@ -121,7 +121,7 @@ class ServedModel:
         return config
 
     # ------------------------------------------------------------------------------------------------ requests
-    def parse(self, request: InferRequest, default_priority: int) -> ParsedRequest:
+    def parse(self, request: InferRequest) -> ParsedRequest:
         """Checked sequences, outputs and options of ``request``; ``BadRequest``/``InputError`` otherwise."""
         sequences, batched = self.sequences_of(request)
         names = list(request.outputs) if request.outputs is not None else list(self.session.default_outputs)
@@ -130,7 +130,7 @@ class ServedModel:
         params = request.parameters
         options = self.session.output_options(_int_parameter(params, "top_k", OutputOptions.top_k, 1),
                                               params.get("pooling", OutputOptions.pooling))
-        priority = _int_parameter(params, "priority", 0, 0) or default_priority
+        priority = _int_parameter(params, "priority", 0, 0)
         timeout = _int_parameter(params, "timeout", None, 0)
         kinds = self.session.output_kinds(names) if names else []
         return ParsedRequest(sequences, kinds, with_lengths, options, batched, priority, timeout)

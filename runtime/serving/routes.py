@@ -1,6 +1,7 @@
 """The KServe v2 HTTP/REST endpoints, defined once for every HTTP stack: ``handle(host, method, path, headers,
-read_body)`` -> ``HttpReply``. aiohttp (``http_api.py``, behind ``reformer-rt serve``) and Starlette (the Ray Serve
-deployment, ``ray_serve.py``) only move bytes in and out.
+read_body)`` -> ``HttpReply``, over any ``Host`` (``host.py``) and its model services (``service.py``). aiohttp
+(``http_api.py``, behind ``reformer-rt serve``) and Starlette (the Ray Serve deployment, ``ray_serve.py``) only move
+bytes in and out.
 
 | method | path                                               | answer                                       |
 |--------|----------------------------------------------------|----------------------------------------------|
@@ -22,20 +23,17 @@ Every error is ``{"error": "..."}`` with its status (``protocol.error_status``),
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import json
 import logging
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
-from ..generation import TokenEvent
 from .generating import sse_event
-from .model import ServedModel
+from .host import Host
 from .protocol import (
-    HEADER_LENGTH, JSON_TYPE, BadRequest, InferRequest, InferResponse, NotFound, PermissionDenied, Unauthenticated,
-    decode_http_request, encode_http_response, error_body, error_status,
+    HEADER_LENGTH, JSON_TYPE, BadRequest, decode_http_request, encode_http_response, error_body, error_status,
 )
 
 log = logging.getLogger("reformer_rt.serve")
@@ -52,65 +50,6 @@ class HttpReply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     compressible: bool = False  # an infer response: the stack may compress it when the client accepts
     stream: AsyncIterator[bytes] | None = None  # sent after ``body``, chunk by chunk, as it comes
-
-
-class ModelSlot(Protocol):
-    model: ServedModel
-    ready: bool
-
-
-class Host(Protocol):
-    """What the endpoints need from a server (``InferenceServer``, or a Ray Serve replica)."""
-
-    live: bool
-    ready: bool
-
-    def check_access(self, headers: Mapping[str, str]) -> None: ...
-
-    def entry(self, name: str, version: str = "") -> ModelSlot: ...
-
-    async def infer(self, model_name: str, model_version: str, decode: Callable[[], InferRequest]) -> InferResponse:
-        ...
-
-    async def generate(self, model_name: str, model_version: str, body: bytes) -> dict[str, Any]: ...
-
-    def generate_stream(self, model_name: str, model_version: str, request: Any
-                        ) -> AsyncIterator[tuple[TokenEvent, str]]: ...
-
-    def server_metadata(self) -> dict[str, Any]: ...
-
-    def repository_index(self) -> list[dict[str, str]]: ...
-
-    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]: ...
-
-
-# --------------------------------------------------------------------------------- shared by every host
-def check_restricted(headers: Mapping[str, str], restricted: tuple[str, str] | None) -> None:
-    """The restricted header (name, value), if one is configured; ``headers`` are case-insensitive HTTP headers or
-    lower-case gRPC metadata. Compared in constant time; the value never appears in a message."""
-    if restricted is None:
-        return
-    name, expected = restricted
-    got = headers.get(name, headers.get(name.lower()))
-    if got is None:
-        raise Unauthenticated(f"this endpoint needs the {name} header")
-    if not hmac.compare_digest(got.encode(), expected.encode()):
-        raise PermissionDenied(f"the {name} header does not match")
-
-
-def find_slot(slots: Mapping[str, ModelSlot], name: str, version: str = "") -> Any:
-    """The slot serving ``name`` (and ``version``, when given), or a 404 listing what is served."""
-    slot = slots.get(name)
-    if slot is None:
-        raise NotFound(f"unknown model {name!r}; this server has {sorted(slots)}")
-    if version not in ("", slot.model.version):
-        raise NotFound(f"model {name!r} has no version {version!r}; it has version {slot.model.version}")
-    return slot
-
-
-def repository_index(slots: Mapping[str, ModelSlot]) -> list[dict[str, str]]:
-    return [{"name": name, "version": slot.model.version, "state": "READY" if slot.ready else "LOADING"}
-            for name, slot in sorted(slots.items())]
 
 
 def _json(data: Any, status: int = 200) -> HttpReply:
@@ -143,17 +82,17 @@ async def _server_metadata(host: Host, match: Match, headers: Mapping[str, str],
 
 
 async def _model_metadata(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
-    return _json(host.entry(match["model"], match["version"]).model.metadata())
+    return _json(host.service(match["model"], match["version"]).metadata())
 
 
 async def _model_ready(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
-    return HttpReply(200 if host.entry(match["model"], match["version"]).ready and host.ready else 503)
+    return HttpReply(200 if host.service(match["model"], match["version"]).ready and host.ready else 503)
 
 
 async def _model_config(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
     from google.protobuf import json_format
 
-    config = host.entry(match["model"], match["version"]).model.config()
+    config = host.service(match["model"], match["version"]).config()
     return _json(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
 
@@ -163,30 +102,29 @@ async def _stats(host: Host, match: Match, headers: Mapping[str, str], read: Rea
 
 async def _infer(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
     name, version = match["model"], match["version"]
-    host.entry(name, version)  # an unknown model is a 404 before the body is read
+    service = host.service(name, version)  # an unknown model is a 404 before the body is read
     body = await read()
-    result = await host.infer(name, version, lambda: decode_http_request(body, headers.get(HEADER_LENGTH), name,
-                                                                          version))
+    result = await service.infer(lambda: decode_http_request(body, headers.get(HEADER_LENGTH), name, version))
     payload, reply_headers = encode_http_response(result)
     return HttpReply(200, payload, reply_headers, compressible=True)
 
 
 async def _generate(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
-    host.entry(match["model"], match["version"])
-    return _json(await host.generate(match["model"], match["version"], await read()))
+    service = host.service(match["model"], match["version"])
+    return _json(await service.generate(await read()))
 
 
 async def _generate_stream(host: Host, match: Match, headers: Mapping[str, str], read: ReadBody) -> HttpReply:
     """Server-sent events: the first token is awaited here, so a bad request still gets its 4xx; an error after
     that arrives as a last event ``data: {"error": ...}``."""
-    slot = host.entry(match["model"], match["version"])
-    events = host.generate_stream(match["model"], match["version"], await read())
+    service = host.service(match["model"], match["version"])
+    events = service.generate_stream(await read())
     first = await anext(events)
 
     async def rest() -> AsyncIterator[bytes]:
         try:
             async for event, piece in events:
-                yield sse_event(slot.model, event, piece)
+                yield sse_event(service.model, event, piece)
         except Exception as exc:  # the status line is gone: the error becomes the stream's last event
             status = error_status(exc)
             if status.internal:
@@ -195,7 +133,7 @@ async def _generate_stream(host: Host, match: Match, headers: Mapping[str, str],
         finally:
             await events.aclose()
 
-    return HttpReply(200, sse_event(slot.model, *first), {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"},
+    return HttpReply(200, sse_event(service.model, *first), {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"},
                      stream=rest())
 
 

@@ -32,10 +32,9 @@ from ..outputs import SequenceJob
 from .metrics import Metrics
 from .model import ParsedRequest, ServedModel
 from .protocol import Unavailable
+from .service import Completed, Rows
 
 T = TypeVar("T")
-
-Rows = dict[str, list[np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +42,8 @@ class SchedulerOptions:
     max_tokens_per_batch: int = 1 << 17
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024  # requests waiting (not yet fully dispatched)
-    default_priority: int = 10
+    default_priority: int = 10  # the level of requests that give none (priority 0)
     batching: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Completed:
-    """A finished request: its rows and where its time went (microseconds)."""
-
-    rows: Rows
-    queue_us: float  # arrival to its first sequence's dispatch
-    compute_us: float  # the forward passes its sequences ran in (a batch counts for each request in it)
 
 
 @dataclasses.dataclass(eq=False)
@@ -87,6 +77,8 @@ class _Item:
 
 
 class Scheduler:
+    """The ``Runner`` of ``reformer-rt serve`` (``service.py``): one queue and one worker thread per model."""
+
     def __init__(self, model: ServedModel, options: SchedulerOptions, metrics: Metrics) -> None:
         self.model, self.options, self.metrics = model, options, metrics
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reformer-rt-{model.name}")
@@ -109,7 +101,7 @@ class Scheduler:
     def pending_requests(self) -> int:
         return sum(1 for job in self._jobs if job.waiting)
 
-    async def submit(self, parsed: ParsedRequest) -> Completed:
+    async def forward(self, parsed: ParsedRequest) -> Completed:
         """Queue ``parsed`` and wait for its rows (one list per output, one array per sequence)."""
         if not self.accepting:
             raise Unavailable(f"model {self.model.name!r}: the server is shutting down; retry on another replica")
@@ -121,10 +113,10 @@ class Scheduler:
         job = _Job(parsed, parsed.jobs(), asyncio.get_running_loop().create_future(), now, deadline,
                    {kind.name: [np.empty(0)] * len(parsed.sequences) for kind in parsed.kinds},
                    waiting=len(parsed.sequences))
-        order = next(self._order)
+        order, priority = next(self._order), parsed.priority or self.options.default_priority
         for index, seq in enumerate(parsed.sequences):
             bucket = bucket_length(self.model.session.config, len(seq))
-            self._queue.setdefault(bucket, []).append(_Item((parsed.priority, order, index), job, index, bucket))
+            self._queue.setdefault(bucket, []).append(_Item((priority, order, index), job, index, bucket))
         self._jobs.add(job)
         self._idle.clear()
         self.metrics.set_pending(self.model, self.pending_requests)
@@ -162,9 +154,9 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    def run_in_worker(self, fn: Callable[[], object]) -> asyncio.Future:
-        """Run ``fn`` on this model's worker thread (warm-up uses it: the Session is only ever used there)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this model's worker thread (the warm-up: the Session is only ever used there)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # ---------------------------------------------------------------------------------------------- dispatch
     async def _dispatch_forever(self) -> None:

@@ -54,12 +54,12 @@ def _config_pb() -> Any:
 
 def python_config(name: str, source: Path, backend: str, device: str | None, queue_delay_us: int) -> Any:
     """The Python-backend ``ModelConfig``: the served model's own interface, opened once here to describe it."""
-    from ..session import Session
     from .model import ServedModel
+    from .spec import ModelSpec
     from .triton_python import ARTIFACT_PARAMETER, BACKEND_PARAMETER
 
     pb = _config_pb()
-    session = Session(source, backend=backend, device="cpu" if backend != "tensorrt" else None)
+    session = ModelSpec(name, str(source), backend, "cpu" if backend != "tensorrt" else None).open()
     config = ServedModel(name, session).config()
     config.backend = "python"
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us

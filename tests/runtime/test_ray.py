@@ -28,7 +28,10 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 from reformer_rt.models import ReformerConfig, ReformerLM  # noqa: E402
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
-from reformer_rt.runtime.serving.ray_serve import APP_NAME, DEPLOYMENT, REPLICA_HEADER, RayServeOptions, deployment  # noqa: E402
+from reformer_rt.runtime.serving.ray_serve import (  # noqa: E402
+    APP_NAME, DEPLOYMENT, REPLICA_HEADER, RayServeOptions, deployment,
+)
+from reformer_rt.runtime.serving.spec import ModelSpec, SessionDefaults  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -71,7 +74,7 @@ def app(cluster, checkpoint):
     """Two CPU replicas of half a CPU each (the rest of the cluster stays free for Ray Data)."""
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = RayServeOptions({"tiny": {"path": str(checkpoint)}}, backend="torch", device="cpu",
+    options = RayServeOptions((ModelSpec("tiny", str(checkpoint)),), SessionDefaults("torch", "cpu", threads=1),
                               batch_wait_timeout_s=0.005)
     bound = deployment(options, num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(options)
     serve.run(bound, name=APP_NAME, route_prefix="/")

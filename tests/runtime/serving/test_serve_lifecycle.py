@@ -123,14 +123,14 @@ def test_priority_orders_the_queue(tiny_checkpoint) -> None:
         scheduler = Scheduler(model, SchedulerOptions(batching=False), Metrics())
         scheduler.start()
         gate = threading.Event()
-        blocker = scheduler.run_in_worker(gate.wait)  # the worker is busy until the gate opens
+        blocker = asyncio.ensure_future(scheduler.call(gate.wait))  # the worker is busy until the gate opens
         finished: list[int] = []
 
         async def one(priority: int) -> None:
             ids = np.arange(10, dtype=np.int64)[None]
             request = InferRequest("tiny", "", "", {"input_ids": ids}, {"last_logits": False},
                                    {"priority": priority}, False)
-            await scheduler.submit(model.parse(request, default_priority=10))
+            await scheduler.forward(model.parse(request))
             finished.append(priority)
 
         tasks = [asyncio.ensure_future(one(p)) for p in (7, 0, 3, 12, 1)]  # 0 = the default level, 10
