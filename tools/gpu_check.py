@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import json
 import os
 import platform
@@ -171,12 +170,12 @@ def _targets(out: Path) -> list[dict]:
 
 def summary(results: Sequence[StepResult], targets: Sequence[dict], device: str, seconds: float) -> str:
     from reformer_rt.runtime.bench.gpu_report import Target, format_targets
+    from reformer_rt.runtime.bench.harness import markdown_table, timestamp
 
     estimates = {s.name: s.estimate_s for s in steps(Path())}
-    lines = [f"gpu-check on {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
-             "| step | status | wall s | H100 estimate s | timeout s | result |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.status} | {r.seconds:.0f} | {estimates[r.name]} | {r.timeout_s:.0f} | {r.summary} |"
-              for r in results]
+    lines = [f"gpu-check on {device}, {timestamp()}", "", markdown_table(
+        ("step", "status", "wall s", "H100 estimate s", "timeout s", "result"),
+        [(r.name, r.status, f"{r.seconds:.0f}", estimates[r.name], f"{r.timeout_s:.0f}", r.summary) for r in results])]
     if targets:
         fields = ("what", "measured", "limit", "unit")
         lines += ["", format_targets([Target(**{k: t[k] for k in fields}) for t in targets])]

@@ -29,9 +29,6 @@ Exit status: 0 passed, 1 failed (a parity criterion, or one of our own measureme
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import json
 import sys
 import tempfile
 import time
@@ -49,7 +46,8 @@ from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.plugins.lsh_triton import lsh_hash_triton
 from reformer_rt.plugins.parity import FP32_TOL
 from reformer_rt.runtime.bench.gpu import timed
-from reformer_rt.runtime.bench.gpu_report import HEADLINE, Timing, format_table, format_targets, headline_targets
+from reformer_rt.runtime.bench.gpu_report import HEADLINE, format_table, format_targets, headline_targets
+from reformer_rt.runtime.bench.harness import Point, error_text, json_bytes, timestamp
 from reformer_rt.runtime.commands.demo import AGREE_TOL, long_batch
 from reformer_rt.runtime.hardware import gpu_info
 from reformer_rt.runtime.session import Session
@@ -163,7 +161,7 @@ def parity(out: Path) -> int:
     passed = not any(r["problems"] for r in results)
     report = {"device": gpu_info().name, "criterion": __doc__.split("\n\n")[1], "session_seconds": seconds,
               "tokens": sum(DEMO_LENGTHS), "passed": passed, "sequences": results}
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.write_bytes(json_bytes(report))
     print(f"Session(backend='torch', device='cuda') on {report['device']}: {len(sequences)} sequences, "
           f"{report['tokens']:,} tokens in {seconds:.2f} s; against the CPU reference:")
     for seq in results:
@@ -172,26 +170,25 @@ def parity(out: Path) -> int:
     return 0 if passed else 1
 
 
-def _time_session(rows: list[Timing], checkpoint: str, ids: np.ndarray, dtype: str) -> None:
+def _time_session(rows: list[Point], checkpoint: str, ids: np.ndarray, dtype: str) -> None:
     session = Session(checkpoint, backend="torch", device="cuda", max_tokens_per_batch=len(ids), dtype=dtype)
     name = "fp16" if dtype == "float16" else "fp32"
     timed(rows, HEADLINE, len(ids), f"Session {name} (last_logits)",
           lambda: session.run([ids], outputs=["last_logits"]))
 
 
-def _time_model(rows: list[Timing], checkpoint: str, tensor: torch.Tensor) -> None:
+def _time_model(rows: list[Point], checkpoint: str, tensor: torch.Tensor) -> None:
     model = ReformerLM.from_pretrained(checkpoint).half().cuda()
     timed(rows, HEADLINE, tensor.shape[1], "ReformerLM fp16 forward (all logits)", lambda: model(tensor))
 
 
-def _time_hf(rows: list[Timing], checkpoint: str, tensor: torch.Tensor) -> None:
+def _time_hf(rows: list[Point], checkpoint: str, tensor: torch.Tensor) -> None:
     import transformers
 
     try:
         hf = transformers.ReformerModelWithLMHead.from_pretrained(checkpoint).half().cuda().eval()
     except Exception as exc:  # the baseline failing to load (out of memory included) is its result, not ours
-        rows.append(Timing(HEADLINE, tensor.shape[1], "HF eager fp16", None, None, None,
-                           f"{type(exc).__name__}: {exc}"[:300]))
+        rows.append(Point(HEADLINE, "HF eager fp16", tensor.shape[1], error=error_text(exc)))
         return
     timed(rows, HEADLINE, tensor.shape[1], "HF eager fp16", lambda: hf(input_ids=tensor))
 
@@ -212,11 +209,10 @@ def headline(out: Path) -> int:
     ours = next((r for r in rows if r.impl == HEADLINE_ROW and r.error is None), None)
     targets = headline_targets(ours)
     device = gpu_info().name
-    report = {"device": device, "timings": [dataclasses.asdict(r) for r in rows],
-              "targets": [{**dataclasses.asdict(t), "ratio": t.ratio, "met": t.met} for t in targets]}
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(format_table(rows, device, date) + "\n\n" + format_targets(targets))
+    report = {"device": device, "timings": [r.to_json() for r in rows],
+              "targets": [t.to_json() for t in targets]}
+    out.write_bytes(json_bytes(report))
+    print(format_table(rows, device, timestamp()) + "\n\n" + format_targets(targets))
     for row in rows:
         if row.error:
             print(f"- {row.impl}: {row.error}")

@@ -18,16 +18,15 @@ each point, ours / transformers per token, and per variant the slope of per-toke
 least-squares fit, ms per 1K prompt tokens) with the ratio of the longest to the shortest prompt's time. Writes
 ``generate.json`` into ``--out`` (atomically) and prints a markdown table with the machine; exits 1 when a point
 failed (2 when every failure is a user error; each is recorded). Timings are of the machine as it is: run it alone.
+Each row of ``generate.json`` is a point of the benchmarks' harness (``harness.Point``): ``what`` the model,
+``impl`` the variant, ``seconds`` the median per-token time, ``details`` the prefill time and the timed steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
+import dataclasses
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +41,12 @@ from reformer_rt.models.decoding import DecodeCache, prefill, step
 from reformer_rt.models.presets import CRIME_AND_PUNISHMENT, demo_model_dir
 
 from ..artifacts import write_files_atomic
-from ..hardware import machine_name
-from .forward import (
-    USER_ERROR_PREFIX, WORKER_TIMEOUT_S, _has_transformers, _peak_rss_bytes, _versions, check_failures, make_out_dir,
-    parse_ints,
+from .harness import (
+    Point, Provenance, answer_worker, check_failures, has_transformers, json_bytes, make_out_dir, markdown_table,
+    measure_in_workers, parse_ints, peak_memory,
 )
 
+COMMAND = "bench generate"
 VARIANTS = ("cached", "hf", "recompute")
 NAMED_MODELS = ("crime-and-punishment", "demo")
 WARMUP_STEPS = 2
@@ -71,20 +70,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """One point: ``variant`` decoding after a random prompt of ``length`` tokens."""
+
+    model: str  # the name the report gives it
+    checkpoint: str
+    length: int
+    variant: str  # one of VARIANTS
+    steps: int
+    recompute_steps: int
+    threads: int
+
+    def pending(self) -> Point:
+        return Point(self.model, self.variant, self.length)
+
+
 # ----------------------------------------------------------------------------------------------------- worker
-def _worker(spec: dict) -> dict:
+def _worker(spec: DecodeSpec) -> Point:
     """One point in this (fresh) process."""
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    config = ReformerConfig.from_json_file(Path(spec["checkpoint"]) / CONFIG_FILE)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    config = ReformerConfig.from_json_file(Path(spec.checkpoint) / CONFIG_FILE)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, config.vocab_size, (1, spec["length"]), generator=generator)
+    prompt = torch.randint(0, config.vocab_size, (1, spec.length), generator=generator)
     warmup = prompt[:, :WARMUP_PROMPT]
-    timing = {"cached": _time_cached, "hf": _time_hf, "recompute": _time_recompute}[spec["variant"]]
+    timing = {"cached": _time_cached, "hf": _time_hf, "recompute": _time_recompute}[spec.variant]
     prefill_s, step_s = timing(spec, prompt, warmup)
-    return {"model": spec["model"], "variant": spec["variant"], "length": spec["length"],
-            "per_token_ms": 1e3 * statistics.median(step_s), "prefill_s": prefill_s, "steps": len(step_s),
-            "peak_gb": _peak_rss_bytes() / 1e9}
+    peak, memory = peak_memory(cuda=False)  # every variant runs on the CPU
+    return dataclasses.replace(spec.pending(), seconds=statistics.median(step_s), peak_bytes=peak, memory=memory,
+                               details={"prefill_s": prefill_s, "steps": len(step_s)})
 
 
 def _steps(count: int, run_step: Callable[[], None]) -> list[float]:
@@ -96,9 +111,9 @@ def _steps(count: int, run_step: Callable[[], None]) -> list[float]:
     return times
 
 
-def _time_cached(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
-    model = ReformerLM.from_pretrained(spec["checkpoint"])
-    total = WARMUP_STEPS + spec["steps"]
+def _time_cached(spec: DecodeSpec, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+    model = ReformerLM.from_pretrained(spec.checkpoint)
+    total = WARMUP_STEPS + spec.steps
     with torch.inference_mode():
         for ids in (warmup, prompt):
             cache = DecodeCache.empty(model, 1, ids.shape[1] + total + 1, ids.shape[1])
@@ -113,11 +128,11 @@ def _time_cached(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tupl
     return prefill_s, times[WARMUP_STEPS:]
 
 
-def _time_hf(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+def _time_hf(spec: DecodeSpec, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
     import transformers
 
-    model = transformers.ReformerModelWithLMHead.from_pretrained(spec["checkpoint"]).eval()
-    total = WARMUP_STEPS + spec["steps"]
+    model = transformers.ReformerModelWithLMHead.from_pretrained(spec.checkpoint).eval()
+    total = WARMUP_STEPS + spec.steps
     with torch.no_grad():
         for ids in (warmup, prompt):
             start = time.perf_counter()
@@ -133,8 +148,8 @@ def _time_hf(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[fl
     return prefill_s, times[WARMUP_STEPS:]
 
 
-def _time_recompute(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
-    model = ReformerLM.from_pretrained(spec["checkpoint"])
+def _time_recompute(spec: DecodeSpec, prompt: torch.Tensor, warmup: torch.Tensor) -> tuple[float, list[float]]:
+    model = ReformerLM.from_pretrained(spec.checkpoint)
     with torch.inference_mode():
         model(warmup)
         sequence = [prompt]
@@ -143,58 +158,45 @@ def _time_recompute(spec: dict, prompt: torch.Tensor, warmup: torch.Tensor) -> t
             token = model(sequence[0])[:, -1].argmax(-1, keepdim=True)
             sequence[0] = torch.cat([sequence[0], token], dim=1)
 
-        times = _steps(spec["recompute_steps"], one)
+        times = _steps(spec.recompute_steps, one)
     return times[0], times
 
 
-def _measure(spec: dict) -> dict:
-    """One point in a fresh worker process: its measurement, or its error."""
-    command = [sys.executable, "-m", "reformer_rt.runtime.bench.generate", "--worker", json.dumps(spec)]
-    point = {"model": spec["model"], "variant": spec["variant"], "length": spec["length"]}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {**point, "error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**point, "error": tail.removeprefix(USER_ERROR_PREFIX), "exit_code": done.returncode}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------------------------------------------ report
-def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
+def slopes(points: list[Point]) -> dict[str, dict[str, float]]:
     """Per (model, variant): least-squares slope of per-token ms vs prompt length (ms per 1K tokens), and the
     ratio of the longest prompt's per-token time to the shortest's (linear growth gives the length ratio)."""
     out: dict[str, dict[str, float]] = {}
-    for key in sorted({(r["model"], r["variant"]) for r in rows}):
-        points = sorted((r["length"], r["per_token_ms"]) for r in rows
-                        if (r["model"], r["variant"]) == key and "per_token_ms" in r)
-        if len(points) < 2:
+    for key in sorted({(p.what, p.impl) for p in points}):
+        series = sorted((p.length, p.ms) for p in points if (p.what, p.impl) == key and p.ms is not None)
+        if len(series) < 2:
             continue
-        xs, ys = [p[0] / 1e3 for p in points], [p[1] for p in points]
+        xs, ys = [x / 1e3 for x, _ in series], [y for _, y in series]
         mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
         out[f"{key[0]} {key[1]}"] = {"ms_per_1k_prompt_tokens": slope, "longest_over_shortest": ys[-1] / ys[0],
-                                     "length_ratio": points[-1][0] / points[0][0]}
+                                     "length_ratio": series[-1][0] / series[0][0]}
     return out
 
 
-def table(rows: list[dict]) -> str:
+def _cell(point: Point | None) -> str:
+    if point is None:
+        return "-"
+    return f"failed: {point.error}" if point.ms is None else f"{point.ms:.1f}"
+
+
+def table(points: list[Point]) -> str:
     """One line per (model, prompt length): per-token ms of each variant and ours / transformers."""
-    found = {(r["model"], r["length"], r["variant"]): r for r in rows}
-    lines = ["| model | prompt | ours cached (ms/token) | transformers cached | ours recompute | ours / transformers "
-             "| prefill ours / transformers (s) |", "|---|---|---|---|---|---|---|"]
-    for model, length in dict.fromkeys((r["model"], r["length"]) for r in rows):
-        cells = []
-        for variant in VARIANTS:
-            r = found.get((model, length, variant))
-            cells.append("-" if r is None else f"failed: {r['error']}" if "error" in r else f"{r['per_token_ms']:.1f}")
-        ours, hf = found.get((model, length, "cached"), {}), found.get((model, length, "hf"), {})
-        ratio = f"{ours['per_token_ms'] / hf['per_token_ms']:.2f}x" if "per_token_ms" in ours and \
-            "per_token_ms" in hf else "-"
-        prefill = " / ".join(f"{r['prefill_s']:.2f}" if "prefill_s" in r else "-" for r in (ours, hf))
-        lines.append(f"| {model} | {length:,} | {' | '.join(cells)} | {ratio} | {prefill} |")
-    return "\n".join(lines)
+    found = {(p.what, p.length, p.impl): p for p in points}
+    rows = []
+    for model, length in dict.fromkeys((p.what, p.length) for p in points):
+        ours, hf = found.get((model, length, "cached")), found.get((model, length, "hf"))
+        ratio = f"{ours.ms / hf.ms:.2f}x" if ours and hf and ours.ms is not None and hf.ms else "-"
+        prefill = " / ".join(f"{p.details['prefill_s']:.2f}" if p and "prefill_s" in p.details else "-"
+                             for p in (ours, hf))
+        rows.append((model, f"{length:,}", *(_cell(found.get((model, length, v))) for v in VARIANTS), ratio, prefill))
+    return markdown_table(("model", "prompt", "ours cached (ms/token)", "transformers cached", "ours recompute",
+                           "ours / transformers", "prefill ours / transformers (s)"), rows)
 
 
 def _models(text: str, tmp: Path) -> dict[str, Path]:
@@ -239,38 +241,24 @@ def _check_lengths(models: dict[str, Path], lengths: list[int], steps: int) -> N
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
+        return answer_worker(args.worker, DecodeSpec, _worker)
     lengths, variants = _check_arguments(args)
-    if "hf" in variants and not _has_transformers():
+    if "hf" in variants and not has_transformers():
         variants.remove("hf")
-        print("reformer-rt bench generate: transformers is not installed; no hf variant", file=sys.stderr)
-    rows = []
+        print(f"reformer-rt {COMMAND}: transformers is not installed; no hf variant", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="reformer-rt-bench-generate-") as tmp:
         models = _models(args.models, Path(tmp))
         _check_lengths(models, lengths, max(args.steps, args.recompute_steps))
-        for name, path in models.items():
-            for length in lengths:
-                for variant in variants:
-                    spec = {"model": name, "checkpoint": str(path), "length": length, "variant": variant,
-                            "steps": args.steps, "recompute_steps": args.recompute_steps, "threads": args.threads}
-                    rows.append(_measure(spec))
-                    if not args.quiet:
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    report = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
-              "python": platform.python_version(), "versions": _versions(), "threads": args.threads,
-              "rows": rows, "slopes": slopes(rows)}
-    write_files_atomic({args.out / "generate.json": (json.dumps(report, indent=2) + "\n").encode()}, label="--out")
-    print(f"machine: {report['machine']}, {report['date']}\n\n{table(rows)}\n")
-    for key, fit in report["slopes"].items():
+        specs = [DecodeSpec(name, str(path), length, variant, args.steps, args.recompute_steps, args.threads)
+                 for name, path in models.items() for length in lengths for variant in variants]
+        points = measure_in_workers(COMMAND, specs, args.quiet)
+    provenance, fits = Provenance.here(), slopes(points)
+    report = {**dataclasses.asdict(provenance), "threads": args.threads, "rows": [p.to_json() for p in points],
+              "slopes": fits}
+    write_files_atomic({args.out / "generate.json": json_bytes(report)}, label="--out")
+    print(f"machine: {provenance.machine}, {provenance.date}\n\n{table(points)}\n")
+    for key, fit in fits.items():
         print(f"{key}: {fit['ms_per_1k_prompt_tokens']:+.3f} ms per 1K prompt tokens; longest/shortest "
               f"{fit['longest_over_shortest']:.2f}x for {fit['length_ratio']:.0f}x the prompt")
     print(f"wrote {args.out / 'generate.json'}")
-    return check_failures(rows, args.out / "generate.json", lambda r: f"{r['model']} {r['variant']} {r['length']}",
-                          "bench generate")
-
-
-if __name__ == "__main__":
-    from ..commands.cli import main
-
-    sys.exit(main(["bench", "generate", *sys.argv[1:]]))
+    return check_failures(points, args.out / "generate.json", COMMAND)

@@ -20,13 +20,14 @@ Timing: the median of CUDA-event-timed calls after one warm-up call (which also 
 and flushes the L2 cache between calls -- seconds per point for the slow baselines (HF at 64K takes ~0.5 s a
 call) in a run that must fit in a few minutes, and a cold cache the model forwards never see. Memory: peak
 ``torch.cuda.max_memory_allocated`` during one call, as extra (minus what was allocated before it) and total.
-``bench.json`` is rewritten after each section, so a run cut short keeps what it measured; ``bench.md`` and the
-printed tables come at the end, with the GPU name and date.
+Each measurement is a ``harness.Point`` (``gpu_report`` tells how its memory is read); the report starts with the
+harness's ``Provenance`` (GPU, date, versions). ``bench.json`` is rewritten after each section, so a run cut short
+keeps what it measured; ``bench.md`` and the printed tables come at the end, with the GPU name and date.
 
 Known limits: transformers draws its hash rotations from the CUDA generator inside ``forward``, so its outputs
 differ from ours on GPU and are timed, not compared (HF parity is checked on CPU in ``tests/models``). A failing
 measurement is recorded as n/a with its error and the run goes on. Exit status: 0 parity passed, 1 a parity
-check failed, 2 no CUDA device.
+check failed, 2 no CUDA device or an unusable ``--out``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import math
 import os
 import statistics
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from reformer_rt.models import LSHAttrs, ReformerConfig, ReformerModel
+from reformer_rt.models import InputError, LSHAttrs, ReformerConfig, ReformerModel
 from reformer_rt.models.attention import LSHSelfAttention, lsh_attrs
 from reformer_rt.models.lsh_op import KERNELS_ENV
 from reformer_rt.plugins.lsh_triton import lsh_attention_triton
@@ -54,9 +53,10 @@ from reformer_rt.plugins.parity import compare, random_inputs
 
 from .dense_baseline import DenseTransformer
 from .gpu_report import (
-    DENSE_MODEL, DENSE_OP, HF_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, ParityRow, Timing, benchmark_targets,
+    DENSE_MODEL, DENSE_OP, EXTRA_BYTES, HF_MODEL, LAYER, MODEL, OURS_MODEL, OURS_OP, ParityRow, benchmark_targets,
     format_parity, format_table, format_targets,
 )
+from .harness import Point, Provenance, error_text, json_bytes, make_out_dir, peak_memory
 
 DEFAULT_LENGTHS = (4096, 16384, 65536)
 MODEL_LENGTHS = (16384, 65536)
@@ -94,8 +94,9 @@ def kernels(name: str) -> Iterator[None]:
             os.environ[KERNELS_ENV] = previous
 
 
-def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, float, float]:
-    """(median ms, peak extra GB, peak total GB) of ``fn`` after one warm-up call; 3 to 20 timed calls."""
+def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, int, int, str]:
+    """(median seconds, peak extra bytes, peak total bytes, how the peak was measured) of ``fn`` after one warm-up
+    call; 3 to 20 timed calls."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -105,7 +106,7 @@ def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, 
     fn()
     end.record()
     end.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak, memory = peak_memory(cuda=True)
     reps = min(20, max(3, math.ceil(target_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(reps):
@@ -114,17 +115,18 @@ def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), (peak - base) / 2**30, peak / 2**30
+    return statistics.median(times) / 1e3, peak - base, peak, memory
 
 
-def timed(rows: list[Timing], what: str, length: int, impl: str, fn: Callable[[], object]) -> None:
+def timed(rows: list[Point], what: str, length: int, impl: str, fn: Callable[[], object]) -> None:
     """Append the measurement of ``fn`` to ``rows``, or its error (out of memory included)."""
     try:
         with torch.inference_mode():
-            ms, extra, total = measure(fn)
-        rows.append(Timing(what, length, impl, ms, extra, total))
+            seconds, extra, peak, memory = measure(fn)
+        rows.append(Point(what, impl, length, seconds=seconds, peak_bytes=peak, memory=memory,
+                          details={EXTRA_BYTES: extra}))
     except Exception as exc:  # one failed measurement must not lose the others
-        rows.append(Timing(what, length, impl, None, None, None, f"{type(exc).__name__}: {exc}"[:300]))
+        rows.append(Point(what, impl, length, error=error_text(exc)))
     torch.cuda.empty_cache()
 
 
@@ -142,7 +144,7 @@ def check_parity(length: int, dtype: torch.dtype) -> ParityRow:
     try:
         result = compare(*random_inputs(_head_shape(length), attrs, dtype, device="cuda"), attrs)
     except Exception as exc:
-        return ParityRow(length, name, None, None, None, f"{type(exc).__name__}: {exc}"[:300])
+        return ParityRow(length, name, None, None, None, error_text(exc))
     finally:
         torch.cuda.empty_cache()
     return ParityRow(length, name, result.max_abs_err, result.tolerance,
@@ -157,7 +159,7 @@ def _hf_config(config: ReformerConfig):  # -> transformers.ReformerConfig
                                        local_attention_probs_dropout_prob=0.0)
 
 
-def _bench_op(rows: list[Timing], length: int, attrs: LSHAttrs) -> None:
+def _bench_op(rows: list[Point], length: int, attrs: LSHAttrs) -> None:
     """The attention cores alone, on [1,H,L,D] fp16: our op and dense causal SDPA."""
     qk, v, rotations, mask = random_inputs(_head_shape(length), attrs, torch.float16, padded=False, device="cuda")
     timed(rows, LAYER, length, OURS_OP, lambda: lsh_attention_triton(qk, v, rotations, mask, attrs))
@@ -165,7 +167,7 @@ def _bench_op(rows: list[Timing], length: int, attrs: LSHAttrs) -> None:
     timed(rows, LAYER, length, DENSE_OP, lambda: sdpa(qk, qk, v, is_causal=True))
 
 
-def bench_layer(rows: list[Timing], length: int) -> None:
+def bench_layer(rows: list[Point], length: int) -> None:
     """The op alone, then whole layers (projections + attention) on x [1,L,d_model] fp16."""
     config = _config(length, ("lsh",))
     _bench_op(rows, length, lsh_attrs(config))
@@ -185,13 +187,12 @@ def bench_layer(rows: list[Timing], length: int) -> None:
             hf.value.weight.copy_(ours.value.weight.float())
         hf = hf.half().cuda()
     except Exception as exc:
-        rows.append(Timing(LAYER, length, "HF LSHSelfAttention (layer)", None, None, None, f"{type(exc).__name__}: "
-                           f"{exc}"[:300]))
+        rows.append(Point(LAYER, "HF LSHSelfAttention (layer)", length, error=error_text(exc)))
         return
     timed(rows, LAYER, length, "HF LSHSelfAttention (layer)", lambda: hf(x))
 
 
-def _bench_ours(rows: list[Timing], length: int, directory: str, ids: torch.Tensor,
+def _bench_ours(rows: list[Point], length: int, directory: str, ids: torch.Tensor,
                 profile: bool) -> list[dict] | None:
     """Our ReformerModel from ``directory`` (fp16, Triton kernels); with ``profile``, its per-kernel times."""
     ours = ReformerModel.from_pretrained(directory, max_length=length).half().cuda()
@@ -200,7 +201,7 @@ def _bench_ours(rows: list[Timing], length: int, directory: str, ids: torch.Tens
         return profile_forward(lambda: ours(ids)) if profile else None
 
 
-def bench_model(rows: list[Timing], length: int, dense: torch.nn.Module, profile: bool) -> list[dict] | None:
+def bench_model(rows: list[Point], length: int, dense: torch.nn.Module, profile: bool) -> list[dict] | None:
     """Ours, HF (same weights) and the dense baseline at ``length``; with ``profile``, ours per kernel."""
     ids = torch.randint(0, ENWIK8["vocab_size"], (1, length), device="cuda")
     timed(rows, MODEL, length, DENSE_MODEL, lambda: dense(ids))
@@ -213,7 +214,7 @@ def bench_model(rows: list[Timing], length: int, dense: torch.nn.Module, profile
             hf.save_pretrained(directory)
             kernel_times = _bench_ours(rows, length, directory, ids, profile)
     except Exception as exc:
-        rows.append(Timing(MODEL, length, "setup", None, None, None, f"{type(exc).__name__}: {exc}"[:300]))
+        rows.append(Point(MODEL, "setup", length, error=error_text(exc)))
         return None
     torch.cuda.empty_cache()
     hf = hf.half().cuda()
@@ -232,17 +233,6 @@ def profile_forward(fn: Callable[[], object], top: int = 15) -> list[dict]:
     return [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1000} for e in events]
 
 
-def _versions() -> dict[str, str | None]:
-    import triton
-
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    return versions
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -251,34 +241,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"device": torch.cuda.get_device_name(), "versions": _versions(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        make_out_dir(out)
+    except InputError as exc:
+        print(f"bench gpu: {exc}", file=sys.stderr)
+        return 2
+    report: dict = dataclasses.asdict(Provenance.here())
 
     def save(**sections: object) -> None:
         report.update(sections)
-        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (out / "bench.json").write_bytes(json_bytes(report))
 
     parity = [check_parity(length, dtype) for length in args.lengths for dtype in (torch.float32, torch.float16)]
     save(parity=[{**dataclasses.asdict(p), "ok": p.ok} for p in parity])
-    rows: list[Timing] = []
+    rows: list[Point] = []
     for length in args.lengths:
         bench_layer(rows, length)
-        save(timings=[dataclasses.asdict(r) for r in rows])
+        save(timings=[r.to_json() for r in rows])
     if not args.skip_model:
         with torch.device("cuda"):
             dense = DenseTransformer(vocab_size=ENWIK8["vocab_size"]).half().eval()
         for length in MODEL_LENGTHS:
             kernel_times = bench_model(rows, length, dense, args.profile and length == MODEL_LENGTHS[-1])
-            save(timings=[dataclasses.asdict(r) for r in rows])
+            save(timings=[r.to_json() for r in rows])
             if kernel_times:
                 save(profile={"what": f"ours ReformerModel, L={length}, fp16", "kernels": kernel_times})
     targets = benchmark_targets(rows)
-    save(targets=[{**dataclasses.asdict(t), "ratio": t.ratio, "met": t.met} for t in targets])
+    save(targets=[t.to_json() for t in targets])
     errors = [f"parity L={p.length} {p.dtype}: {p.error}" for p in parity if p.error]
     errors += [f"{r.what} L={r.length} {r.impl}: {r.error}" for r in rows if r.error]
-    sections = [f"Parity on {report['device']}, {report['date']}", format_parity(parity),
-                format_table(rows, report["device"], report["date"]), "Targets (fp16, B=1)", format_targets(targets)]
+    sections = [f"Parity on {report['machine']}, {report['date']}", format_parity(parity),
+                format_table(rows, report["machine"], report["date"]), "Targets (fp16, B=1)", format_targets(targets)]
     if "profile" in report:
         sections.append(f"CUDA kernels of {report['profile']['what']} (torch.profiler):\n" + "\n".join(
             f"- {k['ms']:.3f} ms, {k['calls']} calls: {k['kernel']}" for k in report["profile"]["kernels"]))

@@ -12,6 +12,9 @@ no answer). When the bench starts the server itself it also measures the server'
 median latency of ``--overhead-length``-token requests against ``Session.run`` of the same input in this process
 on the same backend. Writes ``serve.csv``, ``serve.json`` and ``serve.png`` to ``--out``; exits 1 if any request
 failed with a 5xx or was lost.
+
+Like every bench report, ``serve.json`` starts with the machine, the date, Python and the library versions; the
+``--out`` check, that header, the table and the plot are the benchmarks' shared harness (``bench/harness.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import io
 import json
 import statistics
@@ -33,9 +35,8 @@ import numpy as np
 from reformer_rt.models import InputError
 
 from ..artifacts import write_files_atomic
-from ..hardware import machine_name
 from ..session import BACKENDS
-from .forward import make_out_dir, parse_ints
+from .harness import Panel, Provenance, json_bytes, line_plot, make_out_dir, markdown_table, parse_ints
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -62,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 @dataclasses.dataclass
-class Point:
+class LoadPoint:
+    """One concurrency level of a sweep: request counts by outcome and latencies (not a ``harness.Point``: a level
+    is many requests of drawn lengths, measured as a distribution)."""
+
     mode: str
     protocol: str
     concurrency: int
@@ -122,8 +126,8 @@ def _classify(exc: Exception) -> str:
 
 
 def run_point(mode: str, protocol: str, url: str, model: str, output: str, concurrency: int,
-              requests: list[np.ndarray]) -> Point:
-    point = Point(mode, protocol, concurrency, len(requests))
+              requests: list[np.ndarray]) -> LoadPoint:
+    point = LoadPoint(mode, protocol, concurrency, len(requests))
     lock, cursor = threading.Lock(), iter(range(len(requests)))
     clients = [_Client(protocol, url, model, output) for _ in range(concurrency)]
 
@@ -205,7 +209,7 @@ def _describe(protocol: str, url: str, model: str | None) -> tuple[str, int, int
     return model, vocab, max_length
 
 
-def sweep(mode: str, args: argparse.Namespace, url: str, levels: list[int]) -> tuple[list[Point], str, int]:
+def sweep(mode: str, args: argparse.Namespace, url: str, levels: list[int]) -> tuple[list[LoadPoint], str, int]:
     model, vocab, max_length = _describe(args.protocol, url, args.model_name)
     lengths = _lengths(args.lengths)
     if lengths[1] > max_length:
@@ -278,7 +282,7 @@ def overhead(args: argparse.Namespace, model_path: Path, url: str, metrics_url: 
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def write_report(out: Path, points: list[Point], extra: dict[str, Any]) -> list[str]:
+def write_report(out: Path, points: list[LoadPoint], extra: dict[str, Any]) -> list[str]:
     """serve.csv, serve.json and (with matplotlib) serve.png under ``out``, written as one set."""
     rows = [p.row() for p in points]
     table_text = io.StringIO()
@@ -286,7 +290,7 @@ def write_report(out: Path, points: list[Point], extra: dict[str, Any]) -> list[
     writer.writeheader()
     writer.writerows(rows)
     files: dict[Path, bytes] = {out / "serve.csv": table_text.getvalue().encode(),
-                                out / "serve.json": (json.dumps({**extra, "points": rows}, indent=2) + "\n").encode()}
+                                out / "serve.json": json_bytes({**extra, "points": rows})}
     image = _plot(rows, extra)
     if image is not None:
         files[out / "serve.png"] = image
@@ -296,40 +300,23 @@ def write_report(out: Path, points: list[Point], extra: dict[str, Any]) -> list[
 
 def _plot(rows: list[dict[str, Any]], extra: dict[str, Any]) -> bytes | None:
     """Throughput and p95 latency against concurrency per mode, as PNG bytes (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = [r for r in rows if r["mode"] == mode]
-        left.plot([r["concurrency"] for r in mine], [r["infer_per_s"] for r in mine], marker="o", label=mode)
-        right.plot([r["concurrency"] for r in mine], [r["p95_ms"] for r in mine], marker="o", label=mode)
-    left.set(xscale="log", xlabel="concurrent clients", ylabel="infer/s", title="throughput")
-    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p95 latency (ms)", title="latency")
-    for ax in (left, right):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"reformer-rt bench serve on {extra['machine']} ({extra['protocol']}, lengths {extra['lengths']})")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    return image.getvalue()
+    modes = dict.fromkeys(r["mode"] for r in rows)
+    series = {key: {m: [(r["concurrency"], r[key]) for r in rows if r["mode"] == m] for m in modes}
+              for key in ("infer_per_s", "p95_ms")}
+    return line_plot([Panel(series["infer_per_s"], "concurrent clients", "infer/s", "throughput", yscale="linear"),
+                      Panel(series["p95_ms"], "concurrent clients", "p95 latency (ms)", "latency")],
+                     f"reformer-rt bench serve on {extra['machine']} ({extra['protocol']}, lengths {extra['lengths']})",
+                     size=(11, 4.2))
 
 
-def table(points: list[Point]) -> str:
-    lines = ["| mode | clients | requests | ok | 5xx | other | lost | infer/s | tokens/s | p50 ms | p90 ms | p95 ms | "
-             "p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in points:
-        r = p.row()
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {r['errors_5xx']} | "
-                     f"{r['errors_other']} | {r['lost']} | {r['infer_per_s']:.1f} | {r['tokens_per_s']:,} | "
-                     f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} |")
-    return "\n".join(lines)
+def table(points: list[LoadPoint]) -> str:
+    rows = [p.row() for p in points]
+    return markdown_table(
+        ("mode", "clients", "requests", "ok", "5xx", "other", "lost", "infer/s", "tokens/s", "p50 ms", "p90 ms",
+         "p95 ms", "p99 ms"),
+        [(r["mode"], r["concurrency"], r["requests"], r["ok"], r["errors_5xx"], r["errors_other"], r["lost"],
+          f"{r['infer_per_s']:.1f}", f"{r['tokens_per_s']:,}",
+          *(f"{r[f'p{q}_ms']:.1f}" for q in PERCENTILES)) for r in rows])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -343,9 +330,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--requests: got {args.requests}; expected >= 1")
     _lengths(args.lengths)
     make_out_dir(args.out)
-    extra: dict[str, Any] = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
-                             "protocol": args.protocol, "lengths": args.lengths, "output": args.output}
-    points: list[Point] = []
+    extra: dict[str, Any] = {**dataclasses.asdict(Provenance.here()), "protocol": args.protocol,
+                             "lengths": args.lengths, "output": args.output}
+    points: list[LoadPoint] = []
     if args.url:
         points, model, _ = sweep("server", args, args.url, levels)
         extra["model"] = model

@@ -176,9 +176,10 @@ def test_bench_generate_measures_every_variant_and_reports_slopes(session: Sessi
                 "--recompute-steps", "1", "--threads", "1", "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "generate.json").read_text())
-    points = {(r["variant"], r["length"]): r for r in report["rows"]}
+    points = {(r["impl"], r["length"]): r for r in report["rows"]}
     assert set(points) == {(v, n) for v in ("cached", "hf", "recompute") for n in (40, 100)}
-    assert all(r["per_token_ms"] > 0 and r["steps"] == (1 if v == "recompute" else 2) for (v, _), r in points.items())
+    assert all(r["seconds"] > 0 and r["details"]["steps"] == (1 if v == "recompute" else 2)
+               for (v, _), r in points.items())
     assert set(report["slopes"]) == {f"{session.path} {v}" for v in ("cached", "hf", "recompute")}
     assert "| ours / transformers |" in done.stdout and "ms per 1K prompt tokens" in done.stdout
 

@@ -310,7 +310,7 @@ def test_ctrl_c_during_bench_stops_workers_and_writes_nothing(tiny, tmp_path: Pa
     process = _start(["bench", str(tiny[0]), "--out", str(out), "--lengths", "64,128", "--batches", "1,2,4",
                       "--backends", "torch", "--no-hf", "--repeat", "3"])
     watcher = _StderrWatcher(process)
-    _wait_for(lambda: '"backend"' in watcher.text, process, seconds=240)  # the first point has been measured
+    _wait_for(lambda: '"impl"' in watcher.text, process, seconds=240)  # the first point has been measured
     os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
     watcher.finish(process, time.monotonic())
     assert process.returncode == 130, watcher.text[-2000:]
