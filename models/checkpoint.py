@@ -10,6 +10,12 @@ Key names: HF's models with a head prefix the body with ``reformer.`` and keep t
 is ignored; any missing, unexpected, mis-shaped or non-float tensor of the part being loaded, and any NaN or
 infinite weight, is an error naming that tensor.
 
+Config against weights, before anything is allocated: ``check_config`` builds the model's skeleton on the meta
+device (shapes only: no memory, no initialisation, no random draws) and compares it with the stored tensors' shapes
+-- read from the safetensors header, without loading the data -- so a ``config.json`` that disagrees with its
+weights (``vocab_size: 10**12`` beside a 320-row embedding) is one ``ConfigError`` naming the field and both values
+instead of a failed terabyte allocation.
+
 Write: ``save_pretrained`` writes the resolved config (hash seed and bucket counts decided) and safetensors with
 HF key names, so the directory loads here and in transformers alike. Files are written to a temporary directory
 and moved into place, so a failed save never leaves a half-written checkpoint.
@@ -17,18 +23,20 @@ and moved into place, so a failed save never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import ReformerConfig
-from .errors import CheckpointError, os_error_hint, raise_if_stopped
+from .errors import CheckpointError, ConfigError, ReformerError, os_error_hint, raise_if_stopped
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,13 +49,19 @@ BODY_PREFIX = "reformer."
 LM_HEAD_PREFIX = "lm_head."
 
 
-def load(path: str | Path, max_length: int | None = None) -> tuple[ReformerConfig, dict[str, torch.Tensor]]:
-    """(resolved config, float32 state dict as stored) from a checkpoint directory."""
+def read_config(path: str | Path, max_length: int | None = None) -> ReformerConfig:
+    """The resolved config of a checkpoint directory."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint: {path} is not a directory; expected a directory with {CONFIG_FILE} "
                               f"and {SAFETENSORS_FILE} or {TORCH_FILE}")
-    config = ReformerConfig.from_json_file(path / CONFIG_FILE).resolved(max_length)
+    return ReformerConfig.from_json_file(path / CONFIG_FILE).resolved(max_length)
+
+
+def load(path: str | Path, max_length: int | None = None) -> tuple[ReformerConfig, dict[str, torch.Tensor]]:
+    """(resolved config, float32 state dict as stored) from a checkpoint directory."""
+    path = Path(path)
+    config = read_config(path, max_length)
     state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(path).items()}
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -89,6 +103,104 @@ def _shards(path: Path, index: Path) -> list[Path]:
     return [path / name for name in sorted(set(names))]
 
 
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Each stored tensor's shape from the safetensors header(s), reading no tensor data; None for a
+    ``pytorch_model.bin`` (its shapes come with its data) or weights that cannot be read (``load`` says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    if (path / SAFETENSORS_FILE).exists():
+        files = [path / SAFETENSORS_FILE]
+    elif (path / SAFETENSORS_INDEX).exists():
+        files = _shards(path, path / SAFETENSORS_INDEX)
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return shapes
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Under the meta device: parameters and buffers get their shapes and nothing else -- no initialisation and no
+    random draws, which on meta tensors would cost seconds of torch's decompositions and mean nothing."""
+
+    _INIT = frozenset({"normal_", "uniform_", "zero_", "zeros_", "ones_", "fill_", "kaiming_uniform_", "trunc_normal_"})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self._INIT:
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.randn:
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def skeleton(model_class: type[nn.Module], config: ReformerConfig) -> nn.Module:
+    """``model_class(config)`` on the meta device: every tensor's shape, no memory."""
+    with torch.device("meta"), _ShapesOnly():
+        return model_class(config)
+
+
+#: Config fields that size tensors: the ones a stored shape can prove wrong.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "feed_forward_size", "attention_head_size", "num_attention_heads",
+               "max_position_embeddings", "num_labels", "axial_pos_shape", "axial_pos_embds_dim")
+
+
+def _mismatches(model_class: type[nn.Module], config: ReformerConfig,
+                stored: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(key, stored shape, the shape ``config`` builds) for each stored tensor the skeleton has with another shape."""
+    expected = {key: tuple(value.shape) for key, value in skeleton(model_class, config).state_dict().items()}
+    return [(key, shape, expected[key]) for key, shape in stored.items() if key in expected and shape != expected[key]]
+
+
+def _fixes(config: ReformerConfig, want: int, got: int) -> list[tuple[str, Any]]:
+    """Single-field changes of ``config`` that would turn a ``want`` dimension into the stored ``got``."""
+    fixes: list[tuple[str, Any]] = []
+    for name in SIZE_FIELDS:
+        value = getattr(config, name)
+        if value == want:
+            fixes.append((name, got))
+        elif isinstance(value, tuple) and want in value:
+            fixes.append((name, tuple(got if v == want else v for v in value)))
+    heads, width = config.num_attention_heads, config.attention_head_size
+    if want == heads * width:  # the attention projections' width
+        fixes += [("num_attention_heads", got // width)] if got % width == 0 else []
+        fixes += [("attention_head_size", got // heads)] if got % heads == 0 else []
+    if want == 2 * config.hidden_size and got % 2 == 0:  # the two reversible streams
+        fixes.append(("hidden_size", got // 2))
+    return fixes
+
+
+def check_config(model_class: type[nn.Module], config: ReformerConfig, shapes: dict[str, tuple[int, ...]],
+                 source: Path) -> None:
+    """Before ``model_class(config)`` is built: when stored tensors disagree with the shapes ``config`` gives, a
+    ``ConfigError`` naming the config field whose change would make every stored tensor fit (the config is wrong),
+    else a ``CheckpointError`` naming the first tensor that does not fit (the tensor is wrong)."""
+    stored = {key: tuple(shape) for key, shape in _model_state_from_checkpoint(model_class, shapes).items()}
+    mismatches = _mismatches(model_class, config, stored)
+    if not mismatches:
+        return
+    key, shape, want = mismatches[0]
+    for want_size, got_size in ((w, g) for w, g in zip(want, shape) if w != g) if len(want) == len(shape) else ():
+        for name, value in _fixes(config, want_size, got_size):
+            try:
+                fixed = dataclasses.replace(config, **{name: value})
+            except ReformerError:  # the change breaks another rule (axial dims that must sum to hidden_size...)
+                continue
+            if not _mismatches(model_class, fixed, stored):
+                shown, current = (list(v) if isinstance(v, tuple) else v for v in (value, getattr(config, name)))
+                raise ConfigError(f"{source / CONFIG_FILE}: {name}={current} disagrees with the weights, which fit "
+                                  f"{name}={shown} (tensor {key} has shape {shape}; the config builds {want}); "
+                                  f"expected the config.json of the same model -- set {name} to {shown} or "
+                                  "re-download the checkpoint")
+    raise CheckpointError(f"checkpoint {source}: tensor {key} has shape {shape}; expected {want} from config.json")
+
+
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -118,8 +230,9 @@ def _read_torch_file(file: Path) -> dict:
     return state
 
 
-def _model_state_from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to ``model``'s keys; heads the model does not have are dropped."""
+def _model_state_from_checkpoint(model: nn.Module | type, state: dict[str, Any]) -> dict[str, Any]:
+    """Rename checkpoint keys to ``model``'s keys (a model or its class); heads the model does not have are
+    dropped."""
     heads: tuple[str, ...] = getattr(model, "HEAD_PREFIXES", ())
     prefixed = any(k.startswith(BODY_PREFIX) for k in state)
     out: dict[str, torch.Tensor] = {}

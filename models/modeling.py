@@ -166,8 +166,15 @@ class _PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int | None = None):  # -> Self
-        """Load an HF or reformer-rt checkpoint directory. ``max_length`` resolves ``num_buckets=None``."""
+        """Load an HF or reformer-rt checkpoint directory. ``max_length`` resolves ``num_buckets=None``. The config is
+        checked against the stored shapes before the model is built (``checkpoint.check_config``)."""
+        path = Path(path)
+        shapes = checkpoint.stored_shapes(path) if path.is_dir() else None
+        if shapes is not None:
+            checkpoint.check_config(cls, checkpoint.read_config(path, max_length), shapes, path)
         config, state = checkpoint.load(path, max_length)
+        if shapes is None:
+            checkpoint.check_config(cls, config, {key: tuple(value.shape) for key, value in state.items()}, path)
         model = cls(config)
         checkpoint.apply_state_dict(model, state, Path(path))
         return model.eval()

@@ -186,3 +186,27 @@ def test_config_json_that_is_a_directory(saved) -> None:
     (directory / "config.json").mkdir()
     with pytest.raises(ConfigError, match="cannot read"):
         ReformerLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("vocab_size", 10**12, "vocab_size=1000000000000 disagrees with the weights, which fit vocab_size=40"),
+    ("feed_forward_size", 4096, "feed_forward_size=4096 disagrees with the weights, which fit feed_forward_size=24"),
+    ("num_attention_heads", 4, "num_attention_heads=4 disagrees with the weights, which fit num_attention_heads=2"),
+])
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_config_that_contradicts_its_weights_is_refused_before_allocation(saved, tmp_path, field, value, words,
+                                                                         weights) -> None:
+    """A config field every stored tensor it sizes disagrees with: one ConfigError naming the field and both values,
+    before the model is built (a 10**12-row embedding would need 64 TB)."""
+    _, directory = saved
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = json.loads((directory / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**data, field: value}))
+    if weights == "bin":
+        torch.save(load_file(directory / "model.safetensors"), bad / "pytorch_model.bin")
+    else:
+        (bad / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=words) as info:
+        ReformerLM.from_pretrained(bad)
+    assert "\n" not in str(info.value)
