@@ -10,8 +10,8 @@ these instead of guessing: ``read_metadata`` is the one parser, ``export_metadat
 readable reformer-rt export whose metadata agrees with its graph (inputs, output and its width, opset, LSH nodes,
 max_length) and, when asked, in the LSH form the caller needs. ``RUNS_ON`` says which runtimes run each form.
 
-The graph interface is named here once: inputs ``GRAPH_INPUTS`` (int64 [batch, length]), output ``LM_OUTPUT`` or
-``BASE_OUTPUT``.
+The graph's inputs are named here once (``GRAPH_INPUTS``: int64 [batch, length]); its outputs are the task's
+(``reformer_rt.models.heads.TASKS``).
 """
 
 from __future__ import annotations
@@ -25,18 +25,14 @@ from typing import Any
 
 import onnx
 
-from reformer_rt.models import OP_VERSION, InputError, ReformerConfig
+from reformer_rt.models import OP_VERSION, ConfigError, InputError, ReformerConfig
+from reformer_rt.models.heads import Task, task_named
 from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME
 
 PREFIX = "reformer_rt."
 DIGEST_KEY = PREFIX + "sha256"
 PACKAGE = "reformer-rt"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
-LM_OUTPUT = "logits"
-BASE_OUTPUT = "last_hidden_state"
-#: Each task's graph outputs, in order (``reformer_rt.models.heads.TASKS``; named here for files of any age).
-TASK_OUTPUTS = {"lm": (LM_OUTPUT,), "base": (BASE_OUTPUT,), "classification": (LM_OUTPUT,),
-                "question_answering": ("start_logits", "end_logits")}
 ATTENTION_FORMS = ("plugin", "portable")
 #: What each LSH form is and who needs it, for the error that refuses a file in the other form.
 _FORMS = {
@@ -155,10 +151,10 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
         config = ReformerConfig.from_dict(metadata["config"])
         options = metadata["export_options"]
         form, max_length, opset = options["attention"], int(options["max_length"]), int(options["opset"])
-        task, outputs = export_task(options)
+        task = recorded_task(options)
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: its reformer_rt metadata is malformed ({type(exc).__name__}: {exc}); {redo}") from exc
-    disagreements = _disagreements(model, config, form, task, outputs, options["output_name"], max_length, opset)
+    disagreements = _disagreements(model, config, form, task, options["output_name"], max_length, opset)
     if disagreements:
         raise InputError(f"{path}: its reformer_rt metadata disagrees with its graph ({'; '.join(disagreements)}); "
                          f"{redo}")
@@ -167,26 +163,25 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
     return metadata
 
 
-def export_task(options: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-    """(task, output names) an export's options record; files written before tasks were recorded are LM or base
-    models with one output."""
-    output = options["output_name"]
+def recorded_task(options: dict[str, Any]) -> Task:
+    """The task an export's options record, its outputs checked against the task table; files written before tasks
+    were recorded are LM or base models with one output, which says which."""
+    output = options.get("output_name")
+    if not isinstance(output, str):
+        raise InputError(f"export_options.output_name: got {output!r}; expected the graph's first output's name")
     names = tuple(options.get("output_names") or (output,))
-    task = options.get("task") or ("lm" if output == LM_OUTPUT else "base")
-    if task not in TASK_OUTPUTS or names != TASK_OUTPUTS[task]:
-        raise ValueError(f"task {task!r} with outputs {list(names)}; expected one of {TASK_OUTPUTS}")
-    return task, names
+    recorded = options.get("task")
+    if not recorded:  # written before tasks were recorded: an LM's or a base model's one output says which
+        recorded = "lm" if names == task_named("lm").outputs else "base"
+    task = task_named(recorded)
+    if names != task.outputs:
+        raise ConfigError(f"export_options: task {task.name!r} with outputs {list(names)}; expected that task's "
+                          f"outputs {list(task.outputs)}")
+    return task
 
 
-def _output_widths(task: str, config: ReformerConfig) -> dict[str, int | None]:
-    """The last dimension each output of ``task`` must have (None: per-position scalars, [B, L])."""
-    return {"lm": {LM_OUTPUT: config.vocab_size}, "base": {BASE_OUTPUT: 2 * config.hidden_size},
-            "classification": {LM_OUTPUT: config.num_labels},
-            "question_answering": {"start_logits": None, "end_logits": None}}[task]
-
-
-def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, task: str, names: tuple[str, ...],
-                   primary: str, max_length: int, opset: int) -> list[str]:
+def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, task: Task, primary: str,
+                   max_length: int, opset: int) -> list[str]:
     """Each way the graph differs from what its metadata says, as 'metadata says X, graph has Y'."""
     graph = model.graph
     inputs = {i.name: i for i in graph.input if i.name not in {t.name for t in graph.initializer}}
@@ -195,11 +190,12 @@ def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, ta
     if sorted(inputs) != sorted(GRAPH_INPUTS) or any(
             i.type.tensor_type.elem_type != onnx.TensorProto.INT64 for i in inputs.values()):
         found.append(f"inputs: expected int64 {list(GRAPH_INPUTS)}, graph has {list(inputs)}")
-    if list(names) != list(outputs):
-        found.append(f"outputs: metadata says {list(names)}, graph has {list(outputs)}")
-    elif primary != names[0]:
+    if list(task.outputs) != list(outputs):
+        found.append(f"outputs: metadata says {list(task.outputs)}, graph has {list(outputs)}")
+    elif primary != task.outputs[0]:
         found.append(f"output: metadata says {primary!r} first, graph has {list(outputs)}")
-    for name, width in _output_widths(task, config).items():
+    for raw in task.graph:
+        name, width = raw.exported_name, raw.size(config)
         dims = outputs[name].type.tensor_type.shape.dim if name in outputs else ()
         if width is not None and dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width:
             found.append(f"{name} width: config says {width}, graph has {dims[-1].dim_value}")

@@ -2,13 +2,14 @@
 
 The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy array}`` with
 int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
-``outputs`` (``outputs.RAW_OUTPUTS``: per position [B, L, ...] or per sequence [B, ...]), plus ``name``,
+``outputs`` (rows of the task table, ``reformer_rt.models.heads.TASKS``: per position [B, L, ...] or per sequence
+[B, ...]), plus ``name``,
 ``config``, ``task`` (the model's: lm, base, classification, question_answering) and ``max_length``. Batching,
 bucketing and derived outputs (last-position logits, pooling, probabilities, ...) live in the Session only.
 
 * ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA; on CPU both attention
-  layers run fused, ``models/fused.py``); it gives its head's outputs and the last hidden state from one forward
-  pass.
+  layers run fused, ``models/fused.py``); it gives every raw output of its task's row -- the head's, any extra
+  ones, and the last hidden state -- from one forward pass.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
   and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with.
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
@@ -16,20 +17,19 @@ bucketing and derived outputs (last-position logits, pooling, probabilities, ...
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT, export_task
+from reformer_rt.export.metadata import GRAPH_INPUTS, recorded_task
 from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
 from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.modeling import FeedForward, LMHead
 
 from .errors import BackendFailed, BackendUnavailable
-from .outputs import CLASS_LOGITS, LAST_LOGITS, raw_name
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
@@ -44,7 +44,7 @@ LEAN_TOKENS = 1 << 17
 class Backend(Protocol):
     name: str
     config: ReformerConfig
-    task: str  # the model's task (``reformer_rt.models.heads.TASKS``)
+    task: str  # the model's task (its row of ``reformer_rt.models.heads.TASKS``)
     max_length: int  # the longest sequence it accepts
 
     @property
@@ -111,14 +111,13 @@ class TorchBackend:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.max_length = self.config.max_position_embeddings
-        self.task = task_of(model).name
+        self._task = task_of(model)
+        self.task = self._task.name
         self._body = model if isinstance(model, ReformerModel) else model.reformer
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        heads = {"lm": (LM_OUTPUT, LAST_LOGITS), "base": (), "classification": (CLASS_LOGITS,),
-                 "question_answering": ("start_logits", "end_logits")}[self.task]
-        return (*heads, BASE_OUTPUT)
+        return tuple(raw.name for raw in self._task.raw_outputs)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -127,27 +126,9 @@ class TorchBackend:
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
             hidden = self._body(ids, mask)  # [B, L, 2*hidden]
-            result = {name: tensor for name, tensor in self._heads(hidden, mask, wanted)}
-            if BASE_OUTPUT in wanted:
-                result[BASE_OUTPUT] = hidden
-            return {name: tensor.float().cpu().numpy() for name, tensor in result.items()}
-
-    def _heads(self, hidden: torch.Tensor, mask: torch.Tensor,
-               wanted: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The wanted head outputs of ``hidden`` (each head runs only when one of its outputs is wanted)."""
-        model = self.model
-        if LM_OUTPUT in wanted:
-            yield LM_OUTPUT, model.lm_head(hidden)
-        if LAST_LOGITS in wanted:
-            last = (mask != 0).sum(dim=1).clamp(min=1) - 1  # [B]: the last valid position of each row
-            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, 2*hidden]
-            yield LAST_LOGITS, model.lm_head(rows[:, None])  # [B, 1, vocab]
-        if CLASS_LOGITS in wanted:
-            yield CLASS_LOGITS, model.classifier(hidden)  # [B, num_labels]
-        if "start_logits" in wanted or "end_logits" in wanted:
-            start, end = model.qa_outputs(hidden).unbind(dim=-1)  # [B, L] each
-            yield "start_logits", start
-            yield "end_logits", end
+            # each head runs only when one of its outputs is wanted
+            return {raw.name: raw.compute(self.model, hidden, mask).float().cpu().numpy()
+                    for raw in self._task.raw_outputs if raw.name in wanted}
 
 
 class OnnxRuntimeBackend:
@@ -164,8 +145,9 @@ class OnnxRuntimeBackend:
         meta = export_metadata(path, attention="portable")
         options = meta["export_options"]
         self.config = ReformerConfig.from_dict(meta["config"])
-        self.task, graph_outputs = export_task(options)
-        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> graph name
+        task = recorded_task(options)
+        self.task = task.name
+        self._graph_outputs = {raw.name: raw.exported_name for raw in task.graph}  # raw -> graph name
         self.max_length = int(options["max_length"])
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
+from reformer_rt.models.heads import task_named
 
 from . import generation
 from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
@@ -38,9 +39,7 @@ from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import (
-    DEFAULT_OUTPUTS, RAW_OUTPUTS, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
-)
+from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
 from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
@@ -110,8 +109,10 @@ class Session:
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
         self.task: str = self._backend.task
+        task = task_named(self.task)
         #: What ``run`` gives when no outputs are named: an LM's logits, a classifier's logits, QA start and end...
-        self.default_outputs: tuple[str, ...] = DEFAULT_OUTPUTS[self.task]
+        self.default_outputs: tuple[str, ...] = task.default_outputs
+        self._per_position = {raw.name: raw.per_position for raw in task.raw_outputs}
         self.output_name: str = self.default_outputs[0]
         self.max_length: int = self._backend.max_length
         log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
@@ -205,7 +206,7 @@ class Session:
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1
         raw = self._backend.run(ids, mask, sources)
-        return {name: [raw[name][row, :len(seq)] if RAW_OUTPUTS[name] else raw[name][row]
+        return {name: [raw[name][row, :len(seq)] if self._per_position[name] else raw[name][row]
                        for row, seq in enumerate(seqs)] for name in sources}
 
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
+from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, recorded_task
 from reformer_rt.models import InputError, ReformerConfig
 from reformer_rt.models.lsh import OP_NAME, OP_NAMESPACE, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR
 
@@ -39,7 +39,6 @@ from .engine_builder import BuildOptions, engine_for, import_plugin, import_tens
 from .engine_cache import EngineCache, EngineFileError, check_runtime_match, read_engine_file
 from .engine_profiles import BatchLength, make_profile
 from .hardware import gpu_info
-from .outputs import raw_name
 
 if TYPE_CHECKING:  # imported for real in TensorRTBackend.__init__, after import_tensorrt() has checked it
     import tensorrt as trt
@@ -74,8 +73,9 @@ class TensorRTBackend:
         torch.cuda.set_device(self.device)  # TensorRT runs on the current device, in torch's primary context
         metadata = record["metadata"]
         self.config = ReformerConfig.from_dict(metadata["config"])
-        self.task, graph_outputs = export_task(metadata["export_options"])
-        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> engine tensor
+        task = recorded_task(metadata["export_options"])
+        self.task = task.name
+        self._graph_outputs = {raw.name: raw.exported_name for raw in task.graph}  # raw -> engine tensor
         self.max_length = int(metadata["export_options"]["max_length"])
         self.record = record
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -89,9 +89,9 @@ class TensorRTBackend:
         self._stream = torch.cuda.Stream(self.device)
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in self._names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if sorted(inputs) != sorted(GRAPH_INPUTS) or not set(graph_outputs) <= set(self._names):
+        if sorted(inputs) != sorted(GRAPH_INPUTS) or not set(task.outputs) <= set(self._names):
             raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(GRAPH_INPUTS)} and outputs "
-                                  f"{list(graph_outputs)} (an engine built by reformer-rt build)")
+                                  f"{list(task.outputs)} (an engine built by reformer-rt build)")
         low, _, high = self._engine.get_tensor_profile_shape(GRAPH_INPUTS[0], 0)
         self.min_shape, self.max_shape = BatchLength(low[0], low[1]), BatchLength(high[0], high[1])
         self._shape: tuple[int, int] | None = None
