@@ -71,16 +71,17 @@ def max_length_of(path: Path) -> int:
         from reformer_rt.models import ReformerConfig
 
         return ReformerConfig.from_json_file(path / CONFIG_FILE).max_input_length
-    if kind == "onnx":
-        from reformer_rt.export.metadata import export_metadata
+    from reformer_rt.export.metadata import ExportInfo, export_info
 
-        return int(export_metadata(path)["export_options"]["max_length"])
+    if kind == "onnx":
+        return export_info(path).max_length
+    rebuild = "rebuild the engine with reformer-rt build"
     try:
         record = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
-        return int(record["metadata"]["export_options"]["max_length"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: cannot read its record {path.name}.json ({exc}); rebuild the engine with "
-                         "reformer-rt build") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read its record {path.name}.json ({exc}); {rebuild}") from exc
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    return ExportInfo.parse(metadata, where=f"{path}: its record {path.name}.json", fix=rebuild).max_length
 
 
 # ------------------------------------------------------------------------------------------------------ hashing

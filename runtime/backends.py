@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import GRAPH_INPUTS, recorded_task
+from reformer_rt.export.metadata import GRAPH_INPUTS
 from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
 from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.modeling import FeedForward, LMHead
@@ -140,15 +140,11 @@ class OnnxRuntimeBackend:
         except ImportError as exc:
             raise BackendUnavailable("backend onnxruntime: not installed; pip install onnxruntime "
                                      "(or onnxruntime-gpu for CUDA)") from exc
-        from reformer_rt.export import export_metadata
+        from reformer_rt.export import export_info
 
-        meta = export_metadata(path, attention="portable")
-        options = meta["export_options"]
-        self.config = ReformerConfig.from_dict(meta["config"])
-        task = recorded_task(options)
-        self.task = task.name
-        self._graph_outputs = {raw.name: raw.exported_name for raw in task.graph}  # raw -> graph name
-        self.max_length = int(options["max_length"])
+        info = export_info(path, attention="portable")
+        self.config, self.task, self.max_length = info.config, info.task.name, info.max_length
+        self._graph_outputs = {raw.name: raw.exported_name for raw in info.task.graph}  # raw -> graph name
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -24,7 +24,8 @@ from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.presets import random_model
-from reformer_rt.runtime.artifacts import onnx_sha256
+from reformer_rt.export.metadata import read_metadata
+from reformer_rt.runtime.artifacts import max_length_of, onnx_sha256
 from reformer_rt.runtime.commands import doctor
 from reformer_rt.runtime.engine_builder import (
     BuildOptions, PhaseBars, check_tensorrt_version, engine_for, import_tensorrt, strong_typing_flags,
@@ -239,6 +240,16 @@ def test_engine_file_errors(tmp_path: Path) -> None:
         read_engine_file(path)
     with pytest.raises(InputError, match="is a directory"):
         write_engine_file(tmp_path, engine, {})
+
+
+def test_an_engine_record_is_read_as_export_info(tiny_onnx: Path, tmp_path: Path) -> None:
+    engine, path = b"\x00engine" * 50, tmp_path / "m.engine"
+    metadata = read_metadata(tiny_onnx)
+    write_engine_file(path, engine, make_record(_key(), engine, metadata, tiny_onnx))
+    assert max_length_of(path) == metadata["export_options"]["max_length"]
+    write_engine_file(path, engine, make_record(_key(), engine, RECORD_METADATA, tiny_onnx))  # no max_length
+    with pytest.raises(InputError, match="m.engine.json: export_options.*; expected .*; rebuild the engine"):
+        max_length_of(path)
 
 
 def test_engine_is_tied_to_tensorrt_version_and_gpu_architecture() -> None:
