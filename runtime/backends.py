@@ -3,8 +3,9 @@
 The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy array}`` with
 int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
 ``outputs`` (rows of the task table, ``reformer_rt.models.heads.TASKS``: per position [B, L, ...] or per sequence
-[B, ...]), plus ``name``,
-``config``, ``task`` (the model's: lm, base, classification, question_answering) and ``max_length``. Batching,
+[B, ...]), plus ``name``, ``config``, ``task`` (the model's: lm, base, classification, question_answering),
+``max_length`` and ``decoder``. A backend declares what it can do -- the task and raw outputs it computes, and
+whether it can decode (cached generation: ``decoder``) -- and callers read that, never its type or name. Batching,
 bucketing and derived outputs (last-position logits, pooling, probabilities, ...) live in the Session only.
 
 * ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA; on CPU both attention
@@ -46,6 +47,9 @@ class Backend(Protocol):
     config: ReformerConfig
     task: str  # the model's task (its row of ``reformer_rt.models.heads.TASKS``)
     max_length: int  # the longest sequence it accepts
+    #: The PyTorch model cached decoding steps through (``generation.py``), or None: an exported graph has no
+    #: decoding step (it would need every layer's cache as inputs and outputs).
+    decoder: Reformer | None
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -111,6 +115,7 @@ class TorchBackend:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.max_length = self.config.max_position_embeddings
+        self.decoder: Reformer | None = self.model
         self._task = task_of(model)
         self.task = self._task.name
         self._body = model if isinstance(model, ReformerModel) else model.reformer
@@ -133,6 +138,7 @@ class TorchBackend:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    decoder = None
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
         try:

@@ -19,9 +19,9 @@ with seed s equals that prompt generated alone with seed s + i. Logits are moved
 gives the same tokens on CPU and CUDA wherever the logits agree. A token in ``stop_ids`` ends its prompt (it is
 part of the output, like HF's EOS); otherwise a prompt ends after ``max_new_tokens``.
 
-Backends: torch only (CPU or CUDA). An ONNX Runtime or TensorRT session raises ``BackendUnavailable``: a decoding
-step is not the exported graph -- it needs every layer's cache as inputs and outputs and a data-dependent gather
-around the new token's bucket (README "Generation").
+Backends: those that declare a decoder (``Backend.decoder``): torch only (CPU or CUDA). An ONNX Runtime or TensorRT
+session raises ``BackendUnavailable``: a decoding step is not the exported graph -- it needs every layer's cache as
+inputs and outputs and a data-dependent gather around the new token's bucket (README "Generation").
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from reformer_rt.models import InputError, ReformerLM
 from reformer_rt.models.decoding import DecodeCache, check_decoder, prefill, step
 
-from .backends import Backend, TorchBackend
+from .backends import Backend
 from .errors import BackendUnavailable
 
 STRATEGIES = ("greedy", "sample")
@@ -143,12 +143,12 @@ def generate_stream(backend: Backend, prompts: Sequence[np.ndarray], options: Ge
 
 def _checked_decoder(backend: Backend, prompts: Sequence[np.ndarray], options: GenerationOptions) -> ReformerLM:
     """The backend's model, once it is known to generate these prompts with these options."""
-    if not isinstance(backend, TorchBackend):
+    model = backend.decoder
+    if model is None:
         raise BackendUnavailable(f"generate: cached decoding runs on the torch backend; this session uses "
                                  f"{backend.name} -- open the checkpoint directory with backend='torch' (CPU or CUDA). "
                                  "An exported graph has no decoding step: it would need every layer's cache as "
                                  "inputs and outputs and a data-dependent gather around each new token's bucket")
-    model = backend.model
     check_decoder(model)
     limit = model.config.max_position_embeddings
     for i, prompt in enumerate(prompts):

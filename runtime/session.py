@@ -122,6 +122,11 @@ class Session:
         """Every output name ``run`` accepts for this model on this backend."""
         return available_outputs(self._backend.outputs)
 
+    @property
+    def can_decode(self) -> bool:
+        """Whether the backend decodes with a cache (``generate``; the model must also be a causal LM)."""
+        return self._backend.decoder is not None
+
     # ------------------------------------------------------------------------------------------ backend choice
     def _choose(self, backend: str, kind: str) -> tuple[str, str]:
         if backend != "auto":

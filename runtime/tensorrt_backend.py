@@ -61,6 +61,7 @@ def plugin_registered() -> bool:
 
 class TensorRTBackend:
     name = "tensorrt"
+    decoder = None  # an engine has no decoding step
 
     def __init__(self, engine: bytes, record: dict[str, Any], device: str = "cuda") -> None:
         """Deserialize ``engine`` on ``device``; ``record`` is its build record (``engine_builder.make_record``)."""

@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     _report_parity(model, sequences, logits, session.backend)
     if args.generate:
         _stage(args.quiet, "sampling with cached decoding (torch backend)")
-        generator = session if session.backend == "torch" else Session(directory, backend="torch",
-                                                                       threads=args.threads)
+        generator = session if session.can_decode else Session(directory, backend="torch", threads=args.threads)
         text, rate = sample(generator, tokenizer, args.prompt, args.generate, args.seed)
         print(f"generation: {rate:,.0f} tokens/s (cached decoding, torch on {generator.device}; the forward pass "
               f"above: {sum(lengths) / seconds:,.0f} tokens/s)")

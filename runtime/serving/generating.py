@@ -49,7 +49,7 @@ class GenerateRequest:
 def _check_can_generate(model: ServedModel) -> None:
     if not model.can_generate:
         why = (f"its backend is {model.session.backend}: cached decoding runs on the torch backend (serve the "
-               "checkpoint directory with --backend torch)" if model.session.backend != "torch" else
+               "checkpoint directory with --backend torch)" if not model.session.can_decode else
                "it is not a causal language model")
         raise BadRequest(f"model {model.name!r} cannot generate: {why}")
 

@@ -123,12 +123,16 @@ def test_bad_arguments_raise_input_errors(session: Session, kwargs: dict, words:
 
 def test_other_backends_and_encoders_refuse_with_a_reason(tmp_path_factory, tmp_path) -> None:
     onnx_path = tiny_export(tmp_path_factory.getbasetemp())  # the session's shared tiny export
+    exported = Session(onnx_path, backend="onnxruntime")
+    assert not exported.can_decode  # declared by the backend, not read from its name
     with pytest.raises(BackendUnavailable, match="torch backend"):
-        Session(onnx_path, backend="onnxruntime").generate([[1, 2, 3]], 4)
+        exported.generate([[1, 2, 3]], 4)
     encoder = tmp_path / "encoder"
     ReformerLM(ReformerConfig.from_dict({**CONFIG.to_dict(), "is_decoder": False})).save_pretrained(encoder)
+    masked_lm = Session(encoder, backend="torch")
+    assert masked_lm.can_decode  # the backend decodes; the model is what refuses
     with pytest.raises(ConfigError, match="is_decoder"):
-        Session(encoder, backend="torch").generate([[1, 2, 3]], 4)
+        masked_lm.generate([[1, 2, 3]], 4)
 
 
 def test_text_stream_holds_back_a_split_character() -> None:
