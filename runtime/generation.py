@@ -1,9 +1,13 @@
 """Text generation on the torch backend: cached decoding of a batch of prompts, greedy or sampled, streamed.
 
-    result = session.generate([[5, 7, 9], prompt_b], max_new_tokens=64)          # greedy
+    result = session.generate([[5, 7, 9], prompt_b], GenerationOptions(max_new_tokens=64))        # greedy
     result.tokens[1], result.finish_reasons[1], result.tokens_per_s
-    for event in session.generate_stream(prompts, 64, strategy="sample", temperature=0.8, top_p=0.95, seed=1):
+    sampling = GenerationOptions(64, strategy="sample", temperature=0.8, top_p=0.95, seed=1)
+    for event in session.generate_stream(prompts, sampling):
         print(event.prompt, event.step, event.token, event.finished, event.reason)
+
+The options travel as one ``GenerationOptions``, checked when it is made, from where a request becomes one (the
+CLI's arguments, a served request's parameters) to the decoding loop.
 
 Decoding is HF's cached path (``reformer_rt.models.decoding``; what it computes and how that differs from
 recomputing the sequence: ``models/cache.py``). Batching: prompts of any lengths decode together, each row at its

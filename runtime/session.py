@@ -244,20 +244,22 @@ class Session:
                                  f"[0, {vocab - 1}]")
         return seqs
 
-    def generate(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] = ()) -> generation.GenerationResult:
-        """New tokens for each prompt by cached decoding, batched, on the torch backend (``generation.py``)."""
-        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
-        return generation.generate(self._backend, self.check_sequences(prompts), options, self.max_tokens_per_batch)
+    def generate(self, prompts: Any, options: generation.GenerationOptions) -> generation.GenerationResult:
+        """New tokens for each prompt by cached decoding, batched, on a backend that decodes (``generation.py``)."""
+        return generation.generate(self._backend, self._prompts(prompts, options), options, self.max_tokens_per_batch)
 
-    def generate_stream(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        stop_ids: Sequence[int] = ()) -> Iterator[generation.TokenEvent]:
-        """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; arguments are checked at the call."""
-        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
-        return generation.generate_stream(self._backend, self.check_sequences(prompts), options,
+    def generate_stream(self, prompts: Any, options: generation.GenerationOptions) -> Iterator[generation.TokenEvent]:
+        """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; everything is checked at the call."""
+        return generation.generate_stream(self._backend, self._prompts(prompts, options), options,
                                           self.max_tokens_per_batch)
+
+    def _prompts(self, prompts: Any, options: object) -> list[np.ndarray]:
+        """The prompts of a generation, checked once for either way of generating, once ``options`` is one object."""
+        if not isinstance(options, generation.GenerationOptions):
+            raise InputTypeError(f"options: got {type(options).__name__}; expected a GenerationOptions "
+                                 "(reformer_rt.runtime.generation), e.g. GenerationOptions(max_new_tokens=64, "
+                                 "strategy='sample', seed=1)")
+        return self.check_sequences(prompts)
 
 
 def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:

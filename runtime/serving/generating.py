@@ -122,10 +122,7 @@ Runner = Callable[[Callable[[], Iterator[Any]]], AsyncIterator[Any]]
 
 
 def stream(model: ServedModel, request: GenerateRequest, run: Runner) -> AsyncIterator[TokenEvent]:
-    options = request.options
-    return run(lambda: model.session.generate_stream(
-        request.prompts, options.max_new_tokens, options.strategy, options.temperature, options.top_k,
-        options.top_p, options.seed, options.stop_ids))
+    return run(lambda: model.session.generate_stream(request.prompts, request.options))
 
 
 async def collect(model: ServedModel, request: GenerateRequest, run: Runner) -> tuple[list[list[int]], list[str]]:
