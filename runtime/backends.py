@@ -10,7 +10,9 @@ bucketing and derived outputs (last-position logits, pooling, probabilities, ...
 
 * ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA; on CPU both attention
   layers run fused, ``models/fused.py``); it gives every raw output of its task's row -- the head's, any extra
-  ones, and the last hidden state -- from one forward pass.
+  ones, and the last hidden state -- from one forward pass. Kernels forced where it is made (``forced_kernels``,
+  else ``REFORMER_RT_KERNELS``, read then) stay its own: the threads that run it later (a server's workers) run
+  them too.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
   and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with.
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
@@ -18,6 +20,8 @@ bucketing and derived outputs (last-position logits, pooling, probabilities, ...
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +32,7 @@ import torch
 from reformer_rt.export.metadata import GRAPH_INPUTS
 from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
 from reformer_rt.models.fused import fused_attention
+from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels, kernels_forced, parse_kernels
 from reformer_rt.models.modeling import FeedForward, LMHead
 
 from .errors import BackendFailed, BackendUnavailable
@@ -42,14 +47,23 @@ FEED_FORWARD_CHUNK = 8192
 LEAN_TOKENS = 1 << 17
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """What cached decoding needs from a backend that can decode: the PyTorch model (``check_decoder`` says whether
+    it is a causal LM) and the LSH kernels its forward passes run (``lsh_op.forced_kernels``; None: by device)."""
+
+    model: Reformer
+    kernels: str | None
+
+
 class Backend(Protocol):
     name: str
     config: ReformerConfig
     task: str  # the model's task (its row of ``reformer_rt.models.heads.TASKS``)
     max_length: int  # the longest sequence it accepts
-    #: The PyTorch model cached decoding steps through (``generation.py``), or None: an exported graph has no
-    #: decoding step (it would need every layer's cache as inputs and outputs).
-    decoder: Reformer | None
+    #: What cached decoding steps through (``generation.py``), or None: an exported graph has no decoding step
+    #: (it would need every layer's cache as inputs and outputs).
+    decoder: Decoder | None
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -89,7 +103,6 @@ def reuse_freed_memory() -> bool:
     per thread, blocks freed by one thread were not reused by another (64K tokens: 1.99 GB peak vs 1.66 GB with
     one, transformers 1.83 GB). Linux with glibc only; process-wide; ``REFORMER_RT_HEAP_REUSE=0`` opts out."""
     import ctypes
-    import os
     import platform
 
     if os.environ.get(HEAP_REUSE_ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
@@ -115,7 +128,9 @@ class TorchBackend:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.max_length = self.config.max_position_embeddings
-        self.decoder: Reformer | None = self.model
+        #: The LSH kernels its forward passes force (the module docstring).
+        self.kernels = kernels_forced() or parse_kernels(os.environ.get(KERNELS_ENV))
+        self.decoder: Decoder | None = Decoder(self.model, self.kernels)
         self._task = task_of(model)
         self.task = self._task.name
         self._body = model if isinstance(model, ReformerModel) else model.reformer
@@ -127,7 +142,7 @@ class TorchBackend:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         wanted = check_outputs(self, outputs)
-        with torch.inference_mode(), fused_attention(self.device.type == "cpu"):
+        with torch.inference_mode(), fused_attention(self.device.type == "cpu"), forced_kernels(self.kernels):
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
             hidden = self._body(ids, mask)  # [B, L, 2*hidden]

@@ -17,7 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from lsh_cases import small_lm
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.decoding import DecodeCache, prefill, step
-from reformer_rt.models.lsh_op import KERNELS_ENV
+from reformer_rt.models.lsh_op import forced_kernels
 from reformer_rt.plugins.kernels import _lsh_attend_kernel
 from reformer_rt.runtime import GenerationOptions, Session
 
@@ -56,13 +56,13 @@ def _greedy(model: ReformerLM, prompts: list[list[int]]) -> tuple[list[list[int]
     return stacked.argmax(-1).tolist(), stacked
 
 
-def test_cuda_triton_prefill_equals_reference_op(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_triton_prefill_equals_reference_op() -> None:
     model = small_lm().cuda()
     prompts = _prompts(model.config.vocab_size)
     results = {}
     for kernels in ("reference", "triton"):
-        monkeypatch.setenv(KERNELS_ENV, kernels)
-        results[kernels] = _greedy(model, prompts)
+        with forced_kernels(kernels):
+            results[kernels] = _greedy(model, prompts)
     assert results["triton"][0] == results["reference"][0]
     assert (results["triton"][1] - results["reference"][1]).abs().max().item() <= 1e-4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
 from reformer_rt.models.fused import fused_attention
+from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.batching import plan_batches
 
@@ -202,10 +204,32 @@ def test_triton_kernels_through_the_session_match_the_reference(checkpoint, monk
     model, directory = checkpoint
     seqs = [s[:40] for s in _sequences(4)[:3]]
     expected = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
-    monkeypatch.setenv("REFORMER_RT_KERNELS", "triton")
-    assert select_implementation(torch.device("cpu")) == "triton"
+    with forced_kernels("triton"):
+        assert select_implementation(torch.device("cpu")) == "triton"
+    monkeypatch.setenv(KERNELS_ENV, "triton")  # read when the torch backend is made
     got = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
     assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_the_torch_backend_keeps_its_kernels_in_other_threads(checkpoint, monkeypatch) -> None:
+    """Kernels forced where the backend is made hold where it runs: a server's worker thread has no context of its
+    own. (On CPU the torch backend runs fused unless the reference is forced.)"""
+    from reformer_rt.models import lsh_op
+
+    called = []
+    reference = lsh_op._IMPLEMENTATIONS["reference"]
+    monkeypatch.setitem(lsh_op._IMPLEMENTATIONS, "reference", lambda *args: called.append(1) or reference(*args))
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    _, directory = checkpoint
+    seqs = [s[:40] for s in _sequences(2)]
+    with forced_kernels("reference"):
+        forced = Session(directory, backend="torch", device="cpu")
+    plain = Session(directory, backend="torch", device="cpu")
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(plain.run, seqs).result()
+        assert not called
+        worker.submit(forced.run, seqs).result()
+        assert called
 
 
 def test_sentencepiece_tokenizer_is_found_next_to_the_model(tmp_path) -> None:
