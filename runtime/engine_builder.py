@@ -162,7 +162,7 @@ def engine_for(onnx_path: Path, options: BuildOptions, cache: EngineCache | None
                     options.workspace_mib, options.tf32)
     found = cache.load(key, log) if cache is not None else None
     if found is not None:
-        return BuiltEngine(found[0], found[1], True, time.perf_counter() - start)
+        return BuiltEngine(found.engine, found.record, True, time.perf_counter() - start)
     engine = build_serialized(onnx_path, options, gpu, log)
     record = make_record(key, engine, metadata, onnx_path.absolute())
     if cache is not None:
