@@ -9,7 +9,6 @@
 * ``write_files_atomic`` / ``write_atomic``: the one way the runtime writes files -- a set of files (``run -o
   x.npy`` writes ``x.npy`` and ``x.lengths.npy``) appears complete or not at all, with the user's umask; a failure
   or an interrupt leaves every target as it was and no temporary file behind.
-* ``DEFAULT_MAX_TOKENS``: the default token budget of one micro-batch.
 
 A leaf of the runtime: it imports ``reformer_rt.models`` and (lazily) ``reformer_rt.export``, nothing else of
 ``reformer_rt.runtime``, so every other runtime module can build on it without import cycles.
@@ -35,9 +34,6 @@ from reformer_rt.models.errors import os_error_hint, raise_if_stopped
 log = logging.getLogger("reformer_rt")
 
 CACHE_ENV = "REFORMER_RT_CACHE"
-#: Padded tokens per micro-batch unless the caller says otherwise: 131,072 tokens of the crime-and-punishment
-#: architecture peak at about 2 GB on ONNX Runtime's CPU provider, and fill a GPU well without crowding it.
-DEFAULT_MAX_TOKENS = 1 << 17
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ARTIFACT_KINDS = ("checkpoint", "onnx", "engine")
 

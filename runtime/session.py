@@ -34,9 +34,9 @@ from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerCon
 from reformer_rt.models.heads import task_named
 
 from . import generation
-from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
+from .artifacts import artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
-from .batching import BatchPlan, plan_batches
+from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
 from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack

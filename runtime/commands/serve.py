@@ -25,7 +25,7 @@ from typing import Any
 
 from reformer_rt.models import InputError
 
-from ..artifacts import DEFAULT_MAX_TOKENS
+from ..batching import DEFAULT_MAX_TOKENS
 from ..session import BACKENDS, DTYPES
 
 log = logging.getLogger("reformer_rt.serve")

@@ -39,8 +39,8 @@ import numpy as np
 from reformer_rt.export.metadata import package_version
 from reformer_rt.models import InputError
 
-from ..artifacts import DEFAULT_MAX_TOKENS, max_length_of
-from ..batching import bucket_length
+from ..artifacts import max_length_of
+from ..batching import DEFAULT_MAX_TOKENS, bucket_length
 from ..generation import TokenEvent
 from ..outputs import SequenceJob
 from . import generating

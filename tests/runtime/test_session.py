@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from reformer_rt.models import InputError, InputTypeError, ReformerConfig, Refor
 from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels
 from reformer_rt.runtime import Session
-from reformer_rt.runtime.batching import plan_batches
+from reformer_rt.runtime.batching import DEFAULT_MAX_TOKENS, plan_batches
 
 CONFIG = ReformerConfig(
     vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
@@ -112,6 +113,13 @@ def test_embed_pools_hidden_states_over_valid_tokens(checkpoint) -> None:
             hidden = model.reformer(torch.tensor([seq]))[0].numpy()
         assert np.abs(mean[i] - hidden.mean(0)).max() <= 1e-5
         assert np.abs(last[i] - hidden[-1]).max() <= 1e-5
+
+
+def test_the_session_and_the_server_share_the_batching_contract_default_budget() -> None:
+    from reformer_rt.runtime.serving.scheduler import SchedulerOptions
+
+    session_default = inspect.signature(Session).parameters["max_tokens_per_batch"].default
+    assert SchedulerOptions().max_tokens_per_batch == session_default == DEFAULT_MAX_TOKENS
 
 
 def test_plan_groups_by_padded_length_and_respects_the_budget() -> None:
