@@ -8,10 +8,12 @@ or edited after export is refused instead of computing wrong numbers -- not reco
 weights live in external data). The runtime reads
 these instead of guessing: ``read_metadata`` is the one parser, ``export_metadata`` the one check that a file is a
 readable reformer-rt export whose metadata agrees with its graph (inputs, output and its width, opset, LSH nodes,
-max_length) and, when asked, in the LSH form the caller needs. ``RUNS_ON`` says which runtimes run each form.
+max_length) and, when asked, in the LSH form the caller needs; ``export_info`` gives the same check's result as
+one typed ``ExportInfo``, and ``ExportInfo.parse`` reads metadata kept elsewhere (an engine's record). ``RUNS_ON``
+says which runtimes run each form.
 
-The graph interface is named here once: inputs ``GRAPH_INPUTS`` (int64 [batch, length]), output ``LM_OUTPUT`` or
-``BASE_OUTPUT``.
+The graph's inputs are named here once (``GRAPH_INPUTS``: int64 [batch, length]); its outputs are the task's
+(``reformer_rt.models.heads.TASKS``).
 """
 
 from __future__ import annotations
@@ -25,18 +27,14 @@ from typing import Any
 
 import onnx
 
-from reformer_rt.models import OP_VERSION, InputError, ReformerConfig
+from reformer_rt.models import OP_VERSION, ConfigError, InputError, ReformerConfig
+from reformer_rt.models.heads import Task, task_named
 from reformer_rt.models.lsh import ONNX_DOMAIN, OP_NAME
 
 PREFIX = "reformer_rt."
 DIGEST_KEY = PREFIX + "sha256"
 PACKAGE = "reformer-rt"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
-LM_OUTPUT = "logits"
-BASE_OUTPUT = "last_hidden_state"
-#: Each task's graph outputs, in order (``reformer_rt.models.heads.TASKS``; named here for files of any age).
-TASK_OUTPUTS = {"lm": (LM_OUTPUT,), "base": (BASE_OUTPUT,), "classification": (LM_OUTPUT,),
-                "question_answering": ("start_logits", "end_logits")}
 ATTENTION_FORMS = ("plugin", "portable")
 #: What each LSH form is and who needs it, for the error that refuses a file in the other form.
 _FORMS = {
@@ -66,6 +64,67 @@ class ExportOptions:
     #: The model's task (``reformer_rt.models.heads.TASKS``) and every graph output, in order.
     task: str = "lm"
     output_names: tuple[str, ...] = ()
+
+
+#: What to do about metadata that is missing or malformed in an export (``ExportInfo.parse``'s default).
+REEXPORT = "re-export it with reformer-rt export"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """What an export records about itself, read once into types (``export_info`` for a file, ``parse`` for
+    metadata kept elsewhere, such as an engine's record)."""
+
+    config: ReformerConfig
+    task: Task  # its row of ``reformer_rt.models.heads.TASKS``: the graph's outputs and what they hold
+    attention: str  # the LSH form: "plugin" or "portable"
+    dtype: str
+    opset: int
+    max_length: int  # the longest input the graph was exported for
+    padding: str
+    package_version: str  # of the reformer-rt that wrote it ("unknown" when it did not say)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The graph's outputs, in order."""
+        return self.task.outputs
+
+    @classmethod
+    def parse(cls, metadata: Any, where: str = "export metadata", fix: str = REEXPORT) -> ExportInfo:
+        """``read_metadata``'s dict (or an engine record's copy of it) as an ``ExportInfo``; a missing or malformed
+        entry is one ``InputError``: ``where``, the entry, what was expected, and ``fix``."""
+        options = metadata.get("export_options") if isinstance(metadata, dict) else None
+        if not isinstance(options, dict) or not isinstance(metadata.get("config"), dict):
+            raise InputError(f"{where}: got {_keys(metadata)}; expected the 'config' and 'export_options' entries "
+                             f"reformer-rt export writes; {fix}")
+        try:
+            config = ReformerConfig.from_dict(metadata["config"])
+            task = recorded_task(options)
+            attention, dtype, padding = (_text(options, key) for key in ("attention", "dtype", "padding"))
+            opset, max_length = _integer(options, "opset"), _integer(options, "max_length")
+        except (ValueError, TypeError) as exc:  # ConfigError and InputError are ValueErrors
+            raise InputError(f"{where}: {exc}; {fix}") from exc
+        return cls(config, task, attention, dtype, opset, max_length, padding,
+                   str(metadata.get("package_version", "unknown")))
+
+
+def _keys(metadata: Any) -> str:
+    return f"entries {sorted(metadata)}" if isinstance(metadata, dict) else type(metadata).__name__
+
+
+def _text(options: dict[str, Any], key: str) -> str:
+    value = options.get(key, "in_graph" if key == "padding" else None)  # files before padding was recorded
+    if not isinstance(value, str):
+        raise InputError(f"export_options.{key}: got {value!r}; expected a string")
+    return value
+
+
+def _integer(options: dict[str, Any], key: str) -> int:
+    value = options.get(key)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"export_options.{key}: got {value!r}; expected an integer") from None
 
 
 def package_version() -> str:
@@ -132,7 +191,15 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
     """The metadata of the reformer-rt export at ``path``, checked: a readable ONNX file, our entries present and
     parseable, the graph's inputs and output those the metadata names, and -- when ``attention`` is given -- that
     LSH form. Every problem is one ``InputError`` saying what to do."""
-    path = Path(path)
+    return _checked_export(Path(path), attention)[0]
+
+
+def export_info(path: str | Path, attention: str | None = None) -> ExportInfo:
+    """``export_metadata``'s check of the file at ``path``, its result typed: what the runtime reads."""
+    return _checked_export(Path(path), attention)[1]
+
+
+def _checked_export(path: Path, attention: str | None) -> tuple[dict[str, Any], ExportInfo]:
     if not path.is_file():
         raise InputError(f"{path}: not a file; expected an ONNX file written by reformer-rt export")
     try:
@@ -140,66 +207,64 @@ def export_metadata(path: str | Path, attention: str | None = None) -> dict[str,
     except Exception as exc:  # protobuf's DecodeError and others for a file that is not ONNX
         raise InputError(f"{path}: cannot read it as ONNX ({type(exc).__name__}: {exc}); expected a file written "
                          "by reformer-rt export") from exc
-    redo = "re-export it with reformer-rt export"
     if not all(isinstance(p.key, str) and isinstance(p.value, str) for p in model.metadata_props):
-        raise InputError(f"{path}: damaged (its metadata is not UTF-8 text); {redo}")  # protobuf gives bytes then
+        raise InputError(f"{path}: damaged (its metadata is not UTF-8 text); {REEXPORT}")  # protobuf gives bytes then
     entries = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "config" not in entries or "export_options" not in entries:
-        raise InputError(f"{path}: no reformer_rt metadata; expected a file written by reformer-rt export ({redo})")
+        raise InputError(f"{path}: no reformer_rt metadata; expected a file written by reformer-rt export "
+                         f"({REEXPORT})")
     recorded = entries.get(DIGEST_KEY[len(PREFIX):])
     if recorded is not None and recorded != content_sha256(model):
         raise InputError(f"{path}: damaged or edited since it was exported (its contents no longer match the sha256 "
-                         f"recorded in it); {redo}")
+                         f"recorded in it); {REEXPORT}")
+    malformed = f"{path}: its reformer_rt metadata is malformed"
     try:
         metadata = read_metadata(path)
-        config = ReformerConfig.from_dict(metadata["config"])
-        options = metadata["export_options"]
-        form, max_length, opset = options["attention"], int(options["max_length"]), int(options["opset"])
-        task, outputs = export_task(options)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: its reformer_rt metadata is malformed ({type(exc).__name__}: {exc}); {redo}") from exc
-    disagreements = _disagreements(model, config, form, task, outputs, options["output_name"], max_length, opset)
+    except ValueError as exc:  # an entry that is not JSON
+        raise InputError(f"{malformed} ({type(exc).__name__}: {exc}); {REEXPORT}") from exc
+    info = ExportInfo.parse(metadata, where=malformed)
+    disagreements = _disagreements(model, info, metadata["export_options"]["output_name"])
     if disagreements:
         raise InputError(f"{path}: its reformer_rt metadata disagrees with its graph ({'; '.join(disagreements)}); "
-                         f"{redo}")
-    if attention is not None and form != attention:
-        raise InputError(f"{path}: attention={form!r} ({_FORMS[form][0]}); {_FORMS[attention][1]}")
-    return metadata
+                         f"{REEXPORT}")
+    if attention is not None and info.attention != attention:
+        raise InputError(f"{path}: attention={info.attention!r} ({_FORMS[info.attention][0]}); {_FORMS[attention][1]}")
+    return metadata, info
 
 
-def export_task(options: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-    """(task, output names) an export's options record; files written before tasks were recorded are LM or base
-    models with one output."""
-    output = options["output_name"]
+def recorded_task(options: dict[str, Any]) -> Task:
+    """The task an export's options record, its outputs checked against the task table; files written before tasks
+    were recorded are LM or base models with one output, which says which."""
+    output = options.get("output_name")
+    if not isinstance(output, str):
+        raise InputError(f"export_options.output_name: got {output!r}; expected the graph's first output's name")
     names = tuple(options.get("output_names") or (output,))
-    task = options.get("task") or ("lm" if output == LM_OUTPUT else "base")
-    if task not in TASK_OUTPUTS or names != TASK_OUTPUTS[task]:
-        raise ValueError(f"task {task!r} with outputs {list(names)}; expected one of {TASK_OUTPUTS}")
-    return task, names
+    recorded = options.get("task")
+    if not recorded:  # written before tasks were recorded: an LM's or a base model's one output says which
+        recorded = "lm" if names == task_named("lm").outputs else "base"
+    task = task_named(recorded)
+    if names != task.outputs:
+        raise ConfigError(f"export_options: task {task.name!r} with outputs {list(names)}; expected that task's "
+                          f"outputs {list(task.outputs)}")
+    return task
 
 
-def _output_widths(task: str, config: ReformerConfig) -> dict[str, int | None]:
-    """The last dimension each output of ``task`` must have (None: per-position scalars, [B, L])."""
-    return {"lm": {LM_OUTPUT: config.vocab_size}, "base": {BASE_OUTPUT: 2 * config.hidden_size},
-            "classification": {LM_OUTPUT: config.num_labels},
-            "question_answering": {"start_logits": None, "end_logits": None}}[task]
-
-
-def _disagreements(model: onnx.ModelProto, config: ReformerConfig, form: str, task: str, names: tuple[str, ...],
-                   primary: str, max_length: int, opset: int) -> list[str]:
+def _disagreements(model: onnx.ModelProto, info: ExportInfo, primary: str) -> list[str]:
     """Each way the graph differs from what its metadata says, as 'metadata says X, graph has Y'."""
     graph = model.graph
     inputs = {i.name: i for i in graph.input if i.name not in {t.name for t in graph.initializer}}
     outputs = {o.name: o for o in graph.output}
+    config, form, max_length, opset = info.config, info.attention, info.max_length, info.opset
     found = []
     if sorted(inputs) != sorted(GRAPH_INPUTS) or any(
             i.type.tensor_type.elem_type != onnx.TensorProto.INT64 for i in inputs.values()):
         found.append(f"inputs: expected int64 {list(GRAPH_INPUTS)}, graph has {list(inputs)}")
-    if list(names) != list(outputs):
-        found.append(f"outputs: metadata says {list(names)}, graph has {list(outputs)}")
-    elif primary != names[0]:
+    if list(info.outputs) != list(outputs):
+        found.append(f"outputs: metadata says {list(info.outputs)}, graph has {list(outputs)}")
+    elif primary != info.outputs[0]:
         found.append(f"output: metadata says {primary!r} first, graph has {list(outputs)}")
-    for name, width in _output_widths(task, config).items():
+    for raw in info.task.graph:
+        name, width = raw.exported_name, raw.size(config)
         dims = outputs[name].type.tensor_type.shape.dim if name in outputs else ()
         if width is not None and dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != width:
             found.append(f"{name} width: config says {width}, graph has {dims[-1].dim_value}")

@@ -47,6 +47,11 @@ ONNX_DOMAIN = OP_NAMESPACE
 PLUGIN_NAMESPACE_ATTR = "plugin_namespace"
 PLUGIN_VERSION_ATTR = "plugin_version"
 PLUGIN_ATTRIBUTES = {PLUGIN_NAMESPACE_ATTR: OP_NAMESPACE, PLUGIN_VERSION_ATTR: str(OP_VERSION)}
+#: The oldest TensorRT the plugin is written for (its Python plugin API, ``tensorrt.plugin``), and what every message
+#: that asks for TensorRT tells the user to install (the CUDA 13 wheels start at 10.13.2).
+TENSORRT_MIN_VERSION = (10, 8)
+TENSORRT_INSTALL_HINT = (f'pip install "tensorrt-cu12>={TENSORRT_MIN_VERSION[0]}.{TENSORRT_MIN_VERSION[1]}" (CUDA 12 '
+                         'driver) or "tensorrt-cu13>=10.13.2" (CUDA 13 driver), on a machine with an NVIDIA GPU')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,10 @@ Implementations are chosen per call from a small registry: ``reference`` (the fp
 always present), ``fused`` (``fused.py``: the CPU path, chosen for CPU tensors inside ``fused_attention()``) and
 ``triton``, which ``reformer_rt.plugins`` registers when it is imported. On a CUDA tensor the op imports the
 plugins package on first use (a by-name import, so this package does not depend on it) and runs the Triton kernels
-if they are available; ``REFORMER_RT_KERNELS=triton|reference`` forces one, and a forced implementation that
-cannot run is an error, never a silent fallback.
+if they are available; inside ``forced_kernels("triton" | "reference")`` the op runs that one, and a forced
+implementation that cannot run is an error, never a silent fallback. Users force them with
+``REFORMER_RT_KERNELS=triton|reference``: the environment is read at the edges -- the CLI, and the torch backend
+when it is made (``parse_kernels``) -- never here, per call.
 
 A fake (meta) kernel gives the output shape so the op traces through ``torch.export``. Autograd: the op is
 inference-only; when gradients are needed (training the demo model) ``lsh_attention`` calls the differentiable
@@ -22,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,6 +33,8 @@ from .fused import fused_active, lsh_attention_fused, lsh_hashed_attention_fused
 from .lsh import OP_ID, OP_VERSION, PLUGIN_ATTRIBUTES, LSHAttrs, lsh_attention_reference, lsh_full_attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
+#: The implementations a caller can force (``forced_kernels``), and the variable users force them with.
+KERNELS = ("triton", "reference")
 KERNELS_ENV = "REFORMER_RT_KERNELS"
 PLUGINS_PACKAGE = "reformer_rt.plugins"
 
@@ -43,6 +46,32 @@ _plugin_import_error: list[str] = []
 ONNX_LOWERINGS = ("plugin", "portable")
 _onnx_lowering: contextvars.ContextVar[str | None] = contextvars.ContextVar("reformer_rt_onnx_lowering",
                                                                             default=None)
+_kernels: contextvars.ContextVar[str | None] = contextvars.ContextVar("reformer_rt_kernels", default=None)
+
+
+@contextlib.contextmanager
+def forced_kernels(name: str | None) -> Iterator[None]:
+    """While active, the op runs implementation ``name`` ("triton" or "reference") on every device; None: the
+    choice by device (the module docstring)."""
+    if name is not None and name not in KERNELS:
+        raise ReformerError(f"kernels: got {name!r}; expected one of {KERNELS} or None")
+    token = _kernels.set(name)
+    try:
+        yield
+    finally:
+        _kernels.reset(token)
+
+
+def kernels_forced() -> str | None:
+    return _kernels.get()
+
+
+def parse_kernels(value: str | None) -> str | None:
+    """The implementation a ``REFORMER_RT_KERNELS`` value forces (None: unset or empty)."""
+    forced = (value or "").strip().lower()
+    if forced and forced not in KERNELS:
+        raise ReformerError(f"{KERNELS_ENV}: got {value!r}; expected 'triton' or 'reference' (or unset)")
+    return forced or None
 
 
 def register_implementation(name: str, fn: Implementation) -> None:
@@ -61,17 +90,16 @@ def _load_plugins() -> None:
 
 def select_implementation(device: torch.device) -> str:
     """Name of the implementation the op runs for tensors on ``device`` (see module docstring)."""
-    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if forced and forced not in ("triton", "reference"):
-        raise ReformerError(f"{KERNELS_ENV}: got {forced!r}; expected 'triton' or 'reference' (or unset)")
+    forced = _kernels.get()
     if forced == "reference":
         return "reference"
     if forced == "triton" or device.type == "cuda":
         _load_plugins()
     if forced == "triton" and "triton" not in _IMPLEMENTATIONS:
         reason = _plugin_import_error[0] if _plugin_import_error else "it registered no 'triton' implementation"
-        raise ReformerError(f"{KERNELS_ENV}=triton: the Triton kernels are unavailable ({reason}); install "
-                            "triton (pip install triton), or unset the variable to use the reference")
+        raise ReformerError(f"kernels forced to 'triton' ({KERNELS_ENV}=triton or forced_kernels): the Triton "
+                            f"kernels are unavailable ({reason}); install triton (pip install triton), or stop "
+                            "forcing them to use the reference")
     if forced == "triton" or (device.type == "cuda" and "triton" in _IMPLEMENTATIONS):
         return "triton"
     return "fused" if fused_active() and device.type == "cpu" else "reference"

@@ -1,10 +1,10 @@
 """reformer_rt.plugins: Triton kernels for the LSH attention op and their framework glue.
 
 Importing the package registers ``lsh_attention_triton`` as the ``triton`` implementation of the torch op
-``reformer_rt::LSHAttention`` (``reformer_rt.models.lsh_op``), which selects it for CUDA tensors or when
-``REFORMER_RT_KERNELS=triton``. On CPU tensors the launcher refuses to run unless Triton's interpreter is on
-(``TRITON_INTERPRET=1`` before triton is imported). Layers: ``kernels/`` (``@triton.jit`` code) ->
-``lsh_triton`` (launchers) -> this module (registration).
+``reformer_rt::LSHAttention`` (``reformer_rt.models.lsh_op``), which selects it for CUDA tensors or inside
+``forced_kernels("triton")`` (``REFORMER_RT_KERNELS=triton`` on the command line). On CPU tensors the launcher
+refuses to run unless Triton's interpreter is on (``TRITON_INTERPRET=1`` before triton is imported). Layers:
+``kernels/`` (``@triton.jit`` code) -> ``lsh_triton`` (launchers) -> this module (registration).
 
 Known limits: triton is an optional dependency; without it this import raises ImportError saying what to install.
 """

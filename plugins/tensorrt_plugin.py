@@ -71,7 +71,8 @@ import numpy.typing as npt
 
 from reformer_rt.models.errors import ConfigError
 from reformer_rt.models.lsh import (
-    ATTRIBUTE_NAMES, ATTRIBUTES, INPUTS, OP_ID, OUTPUTS, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR, LSHAttrs,
+    ATTRIBUTE_NAMES, ATTRIBUTES, INPUTS, OP_ID, OUTPUTS, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR, TENSORRT_INSTALL_HINT,
+    TENSORRT_MIN_VERSION, LSHAttrs,
 )
 
 PLUGIN_ID = OP_ID
@@ -85,8 +86,6 @@ QDP_VERSION = "1"
 #: Contract dtype names -> type tokens of ``tensorrt.plugin.AutoTuneCombination``.
 TYPE_TOKENS = {"float32": "FP32", "float16": "FP16", "int32": "INT32"}
 AUTOTUNE_LAYOUTS = "LINEAR"
-INSTALL_HINT = ('pip install "tensorrt-cu12>=10.8" (CUDA 12 driver) or "tensorrt-cu13>=10.13.2" (CUDA 13 driver), '
-                "on a machine with an NVIDIA GPU")
 
 Int32Array = npt.NDArray[np.int32]
 
@@ -172,8 +171,9 @@ try:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 except (ImportError, OSError) as _exc:
-    raise ImportError(f"reformer_rt.plugins.tensorrt_plugin needs TensorRT >= 10.8 with its Python plugin API "
-                      f"(tensorrt.plugin): {INSTALL_HINT} (import failed: {_exc})") from _exc
+    raise ImportError(f"reformer_rt.plugins.tensorrt_plugin needs TensorRT >= "
+                      f"{'.'.join(map(str, TENSORRT_MIN_VERSION))} with its Python plugin API (tensorrt.plugin): "
+                      f"{TENSORRT_INSTALL_HINT} (import failed: {_exc})") from _exc
 
 import torch  # noqa: E402  (after the TensorRT probe on purpose, see above)
 

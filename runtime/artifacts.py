@@ -9,7 +9,6 @@
 * ``write_files_atomic`` / ``write_atomic``: the one way the runtime writes files -- a set of files (``run -o
   x.npy`` writes ``x.npy`` and ``x.lengths.npy``) appears complete or not at all, with the user's umask; a failure
   or an interrupt leaves every target as it was and no temporary file behind.
-* ``DEFAULT_MAX_TOKENS``: the default token budget of one micro-batch.
 
 A leaf of the runtime: it imports ``reformer_rt.models`` and (lazily) ``reformer_rt.export``, nothing else of
 ``reformer_rt.runtime``, so every other runtime module can build on it without import cycles.
@@ -35,9 +34,6 @@ from reformer_rt.models.errors import os_error_hint, raise_if_stopped
 log = logging.getLogger("reformer_rt")
 
 CACHE_ENV = "REFORMER_RT_CACHE"
-#: Padded tokens per micro-batch unless the caller says otherwise: 131,072 tokens of the crime-and-punishment
-#: architecture peak at about 2 GB on ONNX Runtime's CPU provider, and fill a GPU well without crowding it.
-DEFAULT_MAX_TOKENS = 1 << 17
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ARTIFACT_KINDS = ("checkpoint", "onnx", "engine")
 
@@ -71,16 +67,17 @@ def max_length_of(path: Path) -> int:
         from reformer_rt.models import ReformerConfig
 
         return ReformerConfig.from_json_file(path / CONFIG_FILE).max_input_length
-    if kind == "onnx":
-        from reformer_rt.export.metadata import export_metadata
+    from reformer_rt.export.metadata import ExportInfo, export_info
 
-        return int(export_metadata(path)["export_options"]["max_length"])
+    if kind == "onnx":
+        return export_info(path).max_length
+    rebuild = "rebuild the engine with reformer-rt build"
     try:
         record = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
-        return int(record["metadata"]["export_options"]["max_length"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: cannot read its record {path.name}.json ({exc}); rebuild the engine with "
-                         "reformer-rt build") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read its record {path.name}.json ({exc}); {rebuild}") from exc
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    return ExportInfo.parse(metadata, where=f"{path}: its record {path.name}.json", fix=rebuild).max_length
 
 
 # ------------------------------------------------------------------------------------------------------ hashing

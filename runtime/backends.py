@@ -2,13 +2,17 @@
 
 The interface is the ``Backend`` protocol: ``run(input_ids, attention_mask, outputs) -> {name: numpy array}`` with
 int64 [B, L] inputs (the Session pads; a batch never mixes length buckets), for the raw outputs it lists in
-``outputs`` (``outputs.RAW_OUTPUTS``: per position [B, L, ...] or per sequence [B, ...]), plus ``name``,
-``config``, ``task`` (the model's: lm, base, classification, question_answering) and ``max_length``. Batching,
+``outputs`` (rows of the task table, ``reformer_rt.models.heads.TASKS``: per position [B, L, ...] or per sequence
+[B, ...]), plus ``name``, ``config``, ``task`` (the model's: lm, base, classification, question_answering),
+``max_length`` and ``decoder``. A backend declares what it can do -- the task and raw outputs it computes, and
+whether it can decode (cached generation: ``decoder``) -- and callers read that, never its type or name. Batching,
 bucketing and derived outputs (last-position logits, pooling, probabilities, ...) live in the Session only.
 
 * ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA; on CPU both attention
-  layers run fused, ``models/fused.py``); it gives its head's outputs and the last hidden state from one forward
-  pass.
+  layers run fused, ``models/fused.py``); it gives every raw output of its task's row -- the head's, any extra
+  ones, and the last hidden state -- from one forward pass. Kernels forced where it is made (``forced_kernels``,
+  else ``REFORMER_RT_KERNELS``, read then) stay its own: the threads that run it later (a server's workers) run
+  them too.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
   and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with.
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
@@ -16,20 +20,22 @@ bucketing and derived outputs (last-position logits, pooling, probabilities, ...
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import BASE_OUTPUT, GRAPH_INPUTS, LM_OUTPUT, export_task
+from reformer_rt.export.metadata import GRAPH_INPUTS
 from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
 from reformer_rt.models.fused import fused_attention
+from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels, kernels_forced, parse_kernels
 from reformer_rt.models.modeling import FeedForward, LMHead
 
 from .errors import BackendFailed, BackendUnavailable
-from .outputs import CLASS_LOGITS, LAST_LOGITS, raw_name
 
 #: Sequence positions per feed-forward / LM-head slice when a checkpoint leaves chunking off: bounds those
 #: activations at long lengths; per-position math, so the results do not change.
@@ -41,11 +47,23 @@ FEED_FORWARD_CHUNK = 8192
 LEAN_TOKENS = 1 << 17
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """What cached decoding needs from a backend that can decode: the PyTorch model (``check_decoder`` says whether
+    it is a causal LM) and the LSH kernels its forward passes run (``lsh_op.forced_kernels``; None: by device)."""
+
+    model: Reformer
+    kernels: str | None
+
+
 class Backend(Protocol):
     name: str
     config: ReformerConfig
-    task: str  # the model's task (``reformer_rt.models.heads.TASKS``)
+    task: str  # the model's task (its row of ``reformer_rt.models.heads.TASKS``)
     max_length: int  # the longest sequence it accepts
+    #: What cached decoding steps through (``generation.py``), or None: an exported graph has no decoding step
+    #: (it would need every layer's cache as inputs and outputs).
+    decoder: Decoder | None
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -85,7 +103,6 @@ def reuse_freed_memory() -> bool:
     per thread, blocks freed by one thread were not reused by another (64K tokens: 1.99 GB peak vs 1.66 GB with
     one, transformers 1.83 GB). Linux with glibc only; process-wide; ``REFORMER_RT_HEAP_REUSE=0`` opts out."""
     import ctypes
-    import os
     import platform
 
     if os.environ.get(HEAP_REUSE_ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
@@ -111,47 +128,32 @@ class TorchBackend:
                 module.chunk = FEED_FORWARD_CHUNK
         self.config: ReformerConfig = model.config
         self.max_length = self.config.max_position_embeddings
-        self.task = task_of(model).name
+        #: The LSH kernels its forward passes force (the module docstring).
+        self.kernels = kernels_forced() or parse_kernels(os.environ.get(KERNELS_ENV))
+        self.decoder: Decoder | None = Decoder(self.model, self.kernels)
+        self._task = task_of(model)
+        self.task = self._task.name
         self._body = model if isinstance(model, ReformerModel) else model.reformer
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        heads = {"lm": (LM_OUTPUT, LAST_LOGITS), "base": (), "classification": (CLASS_LOGITS,),
-                 "question_answering": ("start_logits", "end_logits")}[self.task]
-        return (*heads, BASE_OUTPUT)
+        return tuple(raw.name for raw in self._task.raw_outputs)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray,
             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         wanted = check_outputs(self, outputs)
-        with torch.inference_mode(), fused_attention(self.device.type == "cpu"):
+        with torch.inference_mode(), fused_attention(self.device.type == "cpu"), forced_kernels(self.kernels):
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask).to(self.device)
             hidden = self._body(ids, mask)  # [B, L, 2*hidden]
-            result = {name: tensor for name, tensor in self._heads(hidden, mask, wanted)}
-            if BASE_OUTPUT in wanted:
-                result[BASE_OUTPUT] = hidden
-            return {name: tensor.float().cpu().numpy() for name, tensor in result.items()}
-
-    def _heads(self, hidden: torch.Tensor, mask: torch.Tensor,
-               wanted: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The wanted head outputs of ``hidden`` (each head runs only when one of its outputs is wanted)."""
-        model = self.model
-        if LM_OUTPUT in wanted:
-            yield LM_OUTPUT, model.lm_head(hidden)
-        if LAST_LOGITS in wanted:
-            last = (mask != 0).sum(dim=1).clamp(min=1) - 1  # [B]: the last valid position of each row
-            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, 2*hidden]
-            yield LAST_LOGITS, model.lm_head(rows[:, None])  # [B, 1, vocab]
-        if CLASS_LOGITS in wanted:
-            yield CLASS_LOGITS, model.classifier(hidden)  # [B, num_labels]
-        if "start_logits" in wanted or "end_logits" in wanted:
-            start, end = model.qa_outputs(hidden).unbind(dim=-1)  # [B, L] each
-            yield "start_logits", start
-            yield "end_logits", end
+            # each head runs only when one of its outputs is wanted
+            return {raw.name: raw.compute(self.model, hidden, mask).float().cpu().numpy()
+                    for raw in self._task.raw_outputs if raw.name in wanted}
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    decoder = None
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
         try:
@@ -159,14 +161,11 @@ class OnnxRuntimeBackend:
         except ImportError as exc:
             raise BackendUnavailable("backend onnxruntime: not installed; pip install onnxruntime "
                                      "(or onnxruntime-gpu for CUDA)") from exc
-        from reformer_rt.export import export_metadata
+        from reformer_rt.export import export_info
 
-        meta = export_metadata(path, attention="portable")
-        options = meta["export_options"]
-        self.config = ReformerConfig.from_dict(meta["config"])
-        self.task, graph_outputs = export_task(options)
-        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> graph name
-        self.max_length = int(options["max_length"])
+        info = export_info(path, attention="portable")
+        self.config, self.task, self.max_length = info.config, info.task.name, info.max_length
+        self._graph_outputs = {raw.name: raw.exported_name for raw in info.task.graph}  # raw -> graph name
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -8,9 +8,10 @@ model at all (every layer attends fully); they are batched together at the longe
 with a key mask also leaves unchanged.
 
 Within a length bucket, sequences are cut into micro-batches of at most ``max_tokens_per_batch`` padded tokens
-(at least one sequence each), in input order. The plan is pure data; the Session executes it and returns exactly
-one result per input sequence, in input order. The server's scheduler forms its micro-batches across requests by
-the same rules (``bucket_length``, ``run_length``, ``sequences_per_batch``).
+(at least one sequence each; ``DEFAULT_MAX_TOKENS`` unless the caller says otherwise), in input order. The plan is
+pure data; the Session executes it and returns exactly one result per input sequence, in input order. The server's
+scheduler forms its micro-batches across requests by the same rules (``bucket_length``, ``run_length``,
+``sequences_per_batch``, the same default budget).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 
 from reformer_rt.models import ReformerConfig
+
+#: Padded tokens per micro-batch unless the caller says otherwise: 131,072 tokens of the crime-and-punishment
+#: architecture peak at about 2 GB on ONNX Runtime's CPU provider, and fill a GPU well without crowding it.
+DEFAULT_MAX_TOKENS = 1 << 17
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata
 from reformer_rt.models import ReformerError
+from reformer_rt.models.lsh import TENSORRT_INSTALL_HINT, TENSORRT_MIN_VERSION
 
 from .artifacts import onnx_sha256, write_atomic
 from .engine_cache import EngineCache, EngineKey, make_record
@@ -42,10 +43,7 @@ from .hardware import GpuInfo, gpu_info
 if TYPE_CHECKING:  # the TensorRT-calling functions below import it themselves, after import_tensorrt()
     import tensorrt as trt
 
-MIN_TENSORRT = (10, 8)
 PLUGIN_MODULE = "reformer_rt.plugins.tensorrt_plugin"
-INSTALL_HINT = ('pip install "tensorrt-cu12>=10.8" (CUDA 12 driver) or "tensorrt-cu13>=10.13.2" (CUDA 13 driver), '
-                "on a machine with an NVIDIA GPU")
 
 
 class EngineBuildError(ReformerError):
@@ -58,9 +56,9 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 
 def check_tensorrt_version(version: str) -> None:
-    if parse_version(version)[:2] < MIN_TENSORRT:
+    if parse_version(version)[:2] < TENSORRT_MIN_VERSION:
         raise BackendUnavailable(f"TensorRT {version} is installed; reformer-rt needs >= "
-                                 f"{'.'.join(map(str, MIN_TENSORRT))}: {INSTALL_HINT}")
+                                 f"{'.'.join(map(str, TENSORRT_MIN_VERSION))}: {TENSORRT_INSTALL_HINT}")
 
 
 def strong_typing_flags(version: str, available: Collection[str]) -> tuple[str, ...]:
@@ -69,7 +67,7 @@ def strong_typing_flags(version: str, available: Collection[str]) -> tuple[str, 
         return ()
     if "STRONGLY_TYPED" not in available:
         raise BackendUnavailable(f"TensorRT {version} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED; "
-                                 f"{INSTALL_HINT}")
+                                 f"{TENSORRT_INSTALL_HINT}")
     return ("STRONGLY_TYPED",)
 
 
@@ -118,11 +116,12 @@ def import_tensorrt() -> ModuleType:
     try:
         import tensorrt as trt
     except (ImportError, OSError) as exc:
-        raise BackendUnavailable(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from exc
+        raise BackendUnavailable(f"TensorRT is not installed ({exc}): {TENSORRT_INSTALL_HINT}") from exc
     if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
         where = getattr(trt, "__file__", None) or list(getattr(trt, "__path__", []))
         raise BackendUnavailable(f"'tensorrt' at {where} is not the TensorRT library (type stubs alone, such as "
-                                 f"the tensorrt-stubs package, install an empty 'tensorrt' package): {INSTALL_HINT}")
+                                 "the tensorrt-stubs package, install an empty 'tensorrt' package): "
+                                 f"{TENSORRT_INSTALL_HINT}")
     check_tensorrt_version(trt.__version__)
     return trt
 
@@ -163,7 +162,7 @@ def engine_for(onnx_path: Path, options: BuildOptions, cache: EngineCache | None
                     options.workspace_mib, options.tf32)
     found = cache.load(key, log) if cache is not None else None
     if found is not None:
-        return BuiltEngine(found[0], found[1], True, time.perf_counter() - start)
+        return BuiltEngine(found.engine, found.record, True, time.perf_counter() - start)
     engine = build_serialized(onnx_path, options, gpu, log)
     record = make_record(key, engine, metadata, onnx_path.absolute())
     if cache is not None:

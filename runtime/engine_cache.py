@@ -3,8 +3,9 @@
 * ``EngineKey``: everything an engine depends on (ONNX sha256 incl. external data, TensorRT version, GPU name and
   compute capability, profile, workspace, TF32, op id + version, ``ENGINE_FORMAT``); its digest names the entry.
 * A record (``make_record``) goes with every engine: its key and sha256, and the ONNX metadata the runtime needs.
-* ``EngineCache``: entries under ``root/<key digest>/`` (engine + ``entry.json``), renamed into place complete; an
-  entry whose key or hash does not check out is deleted and rebuilt.
+* ``EngineCache``: entries under ``root/<key digest>/`` (engine + ``entry.json``), renamed into place complete;
+  ``check`` gives a verified ``CachedEngine`` or a ``CacheMiss`` saying why not, and an entry whose key or hash does
+  not check out is deleted and rebuilt.
 * Engine files: ``MODEL.engine`` with its record ``MODEL.engine.json`` beside it, each written atomically.
 
 Plain Python (hashlib, json): no TensorRT here.
@@ -59,6 +60,23 @@ class EngineKey:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedEngine:
+    """A verified cache entry: the serialized engine and its record."""
+
+    engine: bytes
+    record: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMiss:
+    """Why a key has no usable entry. ``absent``: nothing is stored under it; otherwise the entry is damaged or
+    stale, and is discarded."""
+
+    reason: str
+    absent: bool = False
+
+
 def make_record(key: EngineKey, engine: bytes, metadata: dict[str, Any], source: Path) -> dict[str, Any]:
     """What is stored next to an engine: its key and hash, and the ONNX metadata the runtime needs."""
     return {"engine_format": ENGINE_FORMAT, "engine_sha256": hashlib.sha256(engine).hexdigest(),
@@ -86,28 +104,28 @@ class EngineCache:
     def entry_dir(self, key: EngineKey) -> Path:
         return self.root / key.digest()[:32]
 
-    def check(self, key: EngineKey) -> tuple[bytes, dict[str, Any]] | str:
-        """The entry's (engine, record), or why it is unusable."""
+    def check(self, key: EngineKey) -> CachedEngine | CacheMiss:
+        """The verified entry, or why there is none."""
         directory = self.entry_dir(key)
         try:
             engine = (directory / ENGINE_FILE).read_bytes()
             record = json.loads((directory / ENTRY_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return "no entry"
+            return CacheMiss("no entry", absent=True)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return f"unreadable entry ({exc})"
+            return CacheMiss(f"unreadable entry ({exc})")
         problem = verify_record(engine, record)
         if problem is None and record.get("key") != key.as_dict():
             problem = "entry was stored under another key"
-        return problem or (engine, record)
+        return CacheMiss(problem) if problem else CachedEngine(engine, record)
 
-    def load(self, key: EngineKey, log: Callable[[str], None] = print) -> tuple[bytes, dict[str, Any]] | None:
+    def load(self, key: EngineKey, log: Callable[[str], None] = print) -> CachedEngine | None:
         """A verified entry, or None; a corrupt entry is deleted (so the caller rebuilds it)."""
         found = self.check(key)
-        if isinstance(found, tuple):
+        if isinstance(found, CachedEngine):
             return found
-        if found != "no entry":
-            log(f"engine cache: discarding {self.entry_dir(key)}: {found}")
+        if not found.absent:
+            log(f"engine cache: discarding {self.entry_dir(key)}: {found.reason}")
             shutil.rmtree(self.entry_dir(key), ignore_errors=True)
         return None
 
@@ -124,7 +142,7 @@ class EngineCache:
                     os.rename(staging, final)
                     return final
                 except OSError:
-                    if isinstance(self.check(key), tuple):
+                    if isinstance(self.check(key), CachedEngine):
                         return final  # another process stored the same key meanwhile
                     shutil.rmtree(final, ignore_errors=True)
             raise OSError(f"cannot rename {staging} to {final}")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS
+from .batching import DEFAULT_MAX_TOKENS
 
 
 class ProfileError(InputError):

@@ -1,9 +1,13 @@
 """Text generation on the torch backend: cached decoding of a batch of prompts, greedy or sampled, streamed.
 
-    result = session.generate([[5, 7, 9], prompt_b], max_new_tokens=64)          # greedy
+    result = session.generate([[5, 7, 9], prompt_b], GenerationOptions(max_new_tokens=64))        # greedy
     result.tokens[1], result.finish_reasons[1], result.tokens_per_s
-    for event in session.generate_stream(prompts, 64, strategy="sample", temperature=0.8, top_p=0.95, seed=1):
+    sampling = GenerationOptions(64, strategy="sample", temperature=0.8, top_p=0.95, seed=1)
+    for event in session.generate_stream(prompts, sampling):
         print(event.prompt, event.step, event.token, event.finished, event.reason)
+
+The options travel as one ``GenerationOptions``, checked when it is made, from where a request becomes one (the
+CLI's arguments, a served request's parameters) to the decoding loop.
 
 Decoding is HF's cached path (``reformer_rt.models.decoding``; what it computes and how that differs from
 recomputing the sequence: ``models/cache.py``). Batching: prompts of any lengths decode together, each row at its
@@ -19,9 +23,9 @@ with seed s equals that prompt generated alone with seed s + i. Logits are moved
 gives the same tokens on CPU and CUDA wherever the logits agree. A token in ``stop_ids`` ends its prompt (it is
 part of the output, like HF's EOS); otherwise a prompt ends after ``max_new_tokens``.
 
-Backends: torch only (CPU or CUDA). An ONNX Runtime or TensorRT session raises ``BackendUnavailable``: a decoding
-step is not the exported graph -- it needs every layer's cache as inputs and outputs and a data-dependent gather
-around the new token's bucket (README "Generation").
+Backends: those that declare a decoder (``Backend.decoder``): torch only (CPU or CUDA). An ONNX Runtime or TensorRT
+session raises ``BackendUnavailable``: a decoding step is not the exported graph -- it needs every layer's cache as
+inputs and outputs and a data-dependent gather around the new token's bucket (README "Generation").
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from reformer_rt.models import InputError, ReformerLM
+from reformer_rt.models import InputError
 from reformer_rt.models.decoding import DecodeCache, check_decoder, prefill, step
+from reformer_rt.models.lsh_op import forced_kernels
 
-from .backends import Backend, TorchBackend
+from .backends import Backend, Decoder
 from .errors import BackendUnavailable
 
 STRATEGIES = ("greedy", "sample")
@@ -125,8 +130,8 @@ def generate(backend: Backend, prompts: Sequence[np.ndarray], options: Generatio
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons = [LENGTH] * len(prompts)
     clock = _Clock()
-    model = _checked_decoder(backend, prompts, options)
-    for event in _stream(model, prompts, options, max_tokens_per_batch, clock):
+    decoder = _checked_decoder(backend, prompts, options)
+    for event in _stream(decoder, prompts, options, max_tokens_per_batch, clock):
         tokens[event.prompt].append(event.token)
         if event.finished:
             reasons[event.prompt] = event.reason or LENGTH
@@ -137,18 +142,19 @@ def generate_stream(backend: Backend, prompts: Sequence[np.ndarray], options: Ge
                     max_tokens_per_batch: int) -> Iterator[TokenEvent]:
     """The tokens of ``generate`` as ``TokenEvent``s, each yielded as soon as it is chosen. Everything that can be
     checked before decoding is checked here, before the first event is asked for."""
-    model = _checked_decoder(backend, prompts, options)
-    return _stream(model, prompts, options, max_tokens_per_batch, _Clock())
+    decoder = _checked_decoder(backend, prompts, options)
+    return _stream(decoder, prompts, options, max_tokens_per_batch, _Clock())
 
 
-def _checked_decoder(backend: Backend, prompts: Sequence[np.ndarray], options: GenerationOptions) -> ReformerLM:
-    """The backend's model, once it is known to generate these prompts with these options."""
-    if not isinstance(backend, TorchBackend):
+def _checked_decoder(backend: Backend, prompts: Sequence[np.ndarray], options: GenerationOptions) -> Decoder:
+    """The backend's decoder, once it is known to generate these prompts with these options."""
+    decoder = backend.decoder
+    if decoder is None:
         raise BackendUnavailable(f"generate: cached decoding runs on the torch backend; this session uses "
                                  f"{backend.name} -- open the checkpoint directory with backend='torch' (CPU or CUDA). "
                                  "An exported graph has no decoding step: it would need every layer's cache as "
                                  "inputs and outputs and a data-dependent gather around each new token's bucket")
-    model = backend.model
+    model = decoder.model
     check_decoder(model)
     limit = model.config.max_position_embeddings
     for i, prompt in enumerate(prompts):
@@ -159,13 +165,13 @@ def _checked_decoder(backend: Backend, prompts: Sequence[np.ndarray], options: G
     bad = [t for t in options.stop_ids if t >= model.config.vocab_size]
     if bad:
         raise InputError(f"stop_ids: got {bad}; expected ids in [0, {model.config.vocab_size - 1}]")
-    return model
+    return decoder
 
 
-def _stream(model: ReformerLM, prompts: Sequence[np.ndarray], options: GenerationOptions,
+def _stream(decoder: Decoder, prompts: Sequence[np.ndarray], options: GenerationOptions,
             max_tokens_per_batch: int, clock: _Clock) -> Iterator[TokenEvent]:
     for group in _groups([len(p) for p in prompts], options.max_new_tokens, max_tokens_per_batch):
-        yield from _decode_group(model, [prompts[i] for i in group], group, options, clock)
+        yield from _decode_group(decoder, [prompts[i] for i in group], group, options, clock)
 
 
 def _groups(lengths: list[int], new_tokens: int, budget: int) -> list[list[int]]:
@@ -182,12 +188,13 @@ def _groups(lengths: list[int], new_tokens: int, budget: int) -> list[list[int]]
     return groups
 
 
-def _decode_group(model: ReformerLM, prompts: list[np.ndarray], indices: list[int], options: GenerationOptions,
+def _decode_group(decoder: Decoder, prompts: list[np.ndarray], indices: list[int], options: GenerationOptions,
                   clock: _Clock) -> Iterator[TokenEvent]:
     """Prefill, then step until every prompt of the group has finished; yields as tokens are chosen. (Inference
-    mode is entered per forward pass, never across a ``yield``: it would leak into the caller's code.)"""
+    mode and the decoder's kernels are entered per forward pass, never across a ``yield``: they would leak into the
+    caller's code, and a server's worker thread would not have them when it resumes the stream.)"""
     started = time.perf_counter()
-    cache, logits = _prefill_group(model, prompts, options.max_new_tokens)
+    cache, logits = _prefill_group(decoder, prompts, options.max_new_tokens)
     clock.prefill_s += time.perf_counter() - started
     generators = [_generator(options, index) for index in indices]
     active = list(range(len(prompts)))  # rows of the group still generating, in prompt order
@@ -205,28 +212,30 @@ def _decode_group(model: ReformerLM, prompts: list[np.ndarray], indices: list[in
         if len(kept) < len(active):
             cache = cache.select(kept)
             active = [active[k] for k in kept]
-        logits = _step(model, cache, [chosen[k] for k in kept])
+        logits = _step(decoder, cache, [chosen[k] for k in kept])
         clock.decode_s += time.perf_counter() - started
 
 
-@torch.inference_mode()
-def _prefill_group(model: ReformerLM, prompts: list[np.ndarray], new_tokens: int) -> tuple[DecodeCache, torch.Tensor]:
+def _prefill_group(decoder: Decoder, prompts: list[np.ndarray], new_tokens: int) -> tuple[DecodeCache, torch.Tensor]:
     """A cache for the group, filled by one prefill per prompt length -> (cache, next-token logits [b, vocab])."""
+    model = decoder.model
     longest = max(len(p) for p in prompts)
-    cache = DecodeCache.empty(model, len(prompts), longest + new_tokens, longest)
-    device = model.lm_head.decoder.weight.device
-    logits = torch.empty(len(prompts), model.config.vocab_size)
-    for length in sorted({len(p) for p in prompts}):
-        rows = [row for row, p in enumerate(prompts) if len(p) == length]
-        ids = torch.from_numpy(np.stack([prompts[row] for row in rows])).to(device)
-        logits[rows] = prefill(model, cache, rows, ids).float().cpu()
+    with torch.inference_mode(), forced_kernels(decoder.kernels):
+        cache = DecodeCache.empty(model, len(prompts), longest + new_tokens, longest)
+        device = model.lm_head.decoder.weight.device
+        logits = torch.empty(len(prompts), model.config.vocab_size)
+        for length in sorted({len(p) for p in prompts}):
+            rows = [row for row, p in enumerate(prompts) if len(p) == length]
+            ids = torch.from_numpy(np.stack([prompts[row] for row in rows])).to(device)
+            logits[rows] = prefill(model, cache, rows, ids).float().cpu()
     return cache, logits
 
 
-@torch.inference_mode()
-def _step(model: ReformerLM, cache: DecodeCache, tokens: list[int]) -> torch.Tensor:
-    ids = torch.tensor(tokens, dtype=torch.int64, device=model.lm_head.decoder.weight.device)
-    return step(model, cache, ids).float().cpu()
+def _step(decoder: Decoder, cache: DecodeCache, tokens: list[int]) -> torch.Tensor:
+    model = decoder.model
+    with torch.inference_mode(), forced_kernels(decoder.kernels):
+        ids = torch.tensor(tokens, dtype=torch.int64, device=model.lm_head.decoder.weight.device)
+        return step(model, cache, ids).float().cpu()
 
 
 def _generator(options: GenerationOptions, index: int) -> torch.Generator | None:

@@ -1,9 +1,10 @@
 """The outputs a caller can ask a Session (and the server) for, each derived from one raw backend output.
 
-Raw outputs are what a backend computes for a micro-batch (``RAW_OUTPUTS``: per position [B, L, ...] or per
-sequence [B, ...]); output kinds are what callers name. Which kinds a model offers follows from its raw outputs,
-so one name can mean what the model's task makes of it (``logits``: an LM's per-position logits, a classifier's
-class logits):
+Raw outputs are what a backend computes for a micro-batch (the task table, ``reformer_rt.models.heads.TASKS``:
+per position [B, L, ...] or per sequence [B, ...]); output kinds are what callers name. Every raw output a graph
+gives is a kind under its graph name, passed through as it is; the other kinds are computed from one (the table
+below). Which kinds a model offers follows from its raw outputs, so one name can mean what the model's task makes
+of it (``logits``: an LM's per-position logits, a classifier's class logits):
 
 | name              | task           | from              | per sequence of n tokens        | dtype   |
 |-------------------|----------------|-------------------|---------------------------------|---------|
@@ -34,25 +35,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from reformer_rt.export.metadata import BASE_OUTPUT, LM_OUTPUT
 from reformer_rt.models import InputError, ReformerConfig
+from reformer_rt.models.heads import CLASS_LOGITS, HIDDEN_STATE, LAST_LOGITS, LM_LOGITS, TASKS, RawOutput
 
-#: Raw outputs -> whether they have one row per position (sliced to each sequence's length) or one per sequence.
-LAST_LOGITS = "logits_at_last"  # the LM head at each row's last valid position only: [B, 1, vocab]
-CLASS_LOGITS = "class_logits"  # a classification head's logits: [B, num_labels]
-RAW_OUTPUTS = {LM_OUTPUT: True, BASE_OUTPUT: True, LAST_LOGITS: True, CLASS_LOGITS: False, "start_logits": True,
-               "end_logits": True}
-#: A graph or engine output's raw name, by task (the classification graph's ``logits`` are class logits).
-GRAPH_TO_RAW = {("classification", LM_OUTPUT): CLASS_LOGITS}
-#: What ``Session.run`` gives when no outputs are named.
-DEFAULT_OUTPUTS = {"lm": (LM_OUTPUT,), "base": (BASE_OUTPUT,), "classification": (LM_OUTPUT,),
-                   "question_answering": ("start_logits", "end_logits")}
 POOLINGS = ("mean", "last")
 DEFAULT_TOP_K = 5
-
-
-def raw_name(task: str, graph_output: str) -> str:
-    return GRAPH_TO_RAW.get((task, graph_output), graph_output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,28 +107,38 @@ def _same(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarra
     return row
 
 
-OUTPUT_KINDS: tuple[OutputKind, ...] = (
-    OutputKind("logits", LM_OUTPUT, np.float32, ("n", "vocab"), _same, "logits at every position"),
-    OutputKind("last_logits", LM_OUTPUT, np.float32, ("vocab",), lambda row, ids, o: row[-1],
-               "logits of the last position (the next-token distribution)", (LAST_LOGITS,)),
-    OutputKind("top_k_ids", LM_OUTPUT, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
-               "the top_k most likely next tokens, best first", (LAST_LOGITS,)),
-    OutputKind("top_k_log_probs", LM_OUTPUT, np.float32, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[1],
-               "log-probabilities of top_k_ids", (LAST_LOGITS,)),
-    OutputKind("log_probs", LM_OUTPUT, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
-               "log p(id[t+1] | id[..t]) of the given ids (scoring)"),
-    OutputKind("logits", CLASS_LOGITS, np.float32, ("labels",), _same, "class logits"),
-    OutputKind("probabilities", CLASS_LOGITS, np.float32, ("labels",),
-               lambda row, ids, o: _probabilities(row, o.problem_type),
-               "class probabilities: softmax, or sigmoid for a multi-label head"),
-    OutputKind("start_logits", "start_logits", np.float32, ("n",), _same, "answer-start logit of every position"),
-    OutputKind("end_logits", "end_logits", np.float32, ("n",), _same, "answer-end logit of every position"),
-    OutputKind("last_hidden_state", BASE_OUTPUT, np.float32, ("n", "hidden"), _same,
-               "final hidden states at every position"),
-    OutputKind("embedding", BASE_OUTPUT, np.float32, ("hidden",),
-               lambda row, ids, o: row.mean(axis=0) if o.pooling == "mean" else row[-1],
-               "one vector per sequence: mean over its tokens, or its last token (pooling)"),
-)
+def passed_through(raw: RawOutput) -> OutputKind:
+    """The kind that gives ``raw`` as it is, under its graph name."""
+    dims = (("n",) if raw.per_position else ()) + ((raw.width,) if raw.width != "none" else ())
+    return OutputKind(raw.exported_name, raw.name, np.float32, dims, _same, raw.doc)
+
+
+#: The kinds computed from a raw output, by its name.
+DERIVED_KINDS: dict[str, tuple[OutputKind, ...]] = {
+    LM_LOGITS.name: (
+        OutputKind("last_logits", LM_LOGITS.name, np.float32, ("vocab",), lambda row, ids, o: row[-1],
+                   "logits of the last position (the next-token distribution)", (LAST_LOGITS.name,)),
+        OutputKind("top_k_ids", LM_LOGITS.name, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
+                   "the top_k most likely next tokens, best first", (LAST_LOGITS.name,)),
+        OutputKind("top_k_log_probs", LM_LOGITS.name, np.float32, ("k",),
+                   lambda row, ids, o: _top_k(row, o.top_k)[1], "log-probabilities of top_k_ids", (LAST_LOGITS.name,)),
+        OutputKind("log_probs", LM_LOGITS.name, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
+                   "log p(id[t+1] | id[..t]) of the given ids (scoring)")),
+    CLASS_LOGITS.name: (
+        OutputKind("probabilities", CLASS_LOGITS.name, np.float32, ("labels",),
+                   lambda row, ids, o: _probabilities(row, o.problem_type),
+                   "class probabilities: softmax, or sigmoid for a multi-label head"),),
+    HIDDEN_STATE.name: (
+        OutputKind("embedding", HIDDEN_STATE.name, np.float32, ("hidden",),
+                   lambda row, ids, o: row.mean(axis=0) if o.pooling == "mean" else row[-1],
+                   "one vector per sequence: mean over its tokens, or its last token (pooling)"),),
+}
+#: Every kind, in the order models list them: per graph output of each task, itself then what is computed from
+#: it; the hidden state (which the PyTorch model gives for every task) last.
+_GRAPH_OUTPUTS = {raw.name: raw for task in TASKS.values() for raw in task.graph if raw.name != HIDDEN_STATE.name}
+OUTPUT_KINDS: tuple[OutputKind, ...] = tuple(
+    kind for raw in (*_GRAPH_OUTPUTS.values(), HIDDEN_STATE)
+    for kind in (passed_through(raw), *DERIVED_KINDS.get(raw.name, ())))
 
 
 @dataclasses.dataclass(frozen=True)

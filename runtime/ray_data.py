@@ -28,7 +28,7 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from .artifacts import DEFAULT_MAX_TOKENS
+from .batching import DEFAULT_MAX_TOKENS
 
 TOKENS, BUCKET, IDS, EMBEDDING = "tokens", "bucket", "input_ids", "embedding"
 

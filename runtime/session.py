@@ -31,16 +31,15 @@ import torch
 from tqdm import tqdm
 
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
+from reformer_rt.models.heads import task_named
 
 from . import generation
-from .artifacts import DEFAULT_MAX_TOKENS, artifact_kind, cached_export
+from .artifacts import artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
-from .batching import BatchPlan, plan_batches
+from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import (
-    DEFAULT_OUTPUTS, RAW_OUTPUTS, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
-)
+from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
 from .tensorrt_backend import plugin_registered
 
 log = logging.getLogger("reformer_rt")
@@ -110,8 +109,10 @@ class Session:
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
         self.task: str = self._backend.task
+        task = task_named(self.task)
         #: What ``run`` gives when no outputs are named: an LM's logits, a classifier's logits, QA start and end...
-        self.default_outputs: tuple[str, ...] = DEFAULT_OUTPUTS[self.task]
+        self.default_outputs: tuple[str, ...] = task.default_outputs
+        self._per_position = {raw.name: raw.per_position for raw in task.raw_outputs}
         self.output_name: str = self.default_outputs[0]
         self.max_length: int = self._backend.max_length
         log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
@@ -120,6 +121,11 @@ class Session:
     def outputs(self) -> tuple[str, ...]:
         """Every output name ``run`` accepts for this model on this backend."""
         return available_outputs(self._backend.outputs)
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether the backend decodes with a cache (``generate``; the model must also be a causal LM)."""
+        return self._backend.decoder is not None
 
     # ------------------------------------------------------------------------------------------ backend choice
     def _choose(self, backend: str, kind: str) -> tuple[str, str]:
@@ -205,7 +211,7 @@ class Session:
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1
         raw = self._backend.run(ids, mask, sources)
-        return {name: [raw[name][row, :len(seq)] if RAW_OUTPUTS[name] else raw[name][row]
+        return {name: [raw[name][row, :len(seq)] if self._per_position[name] else raw[name][row]
                        for row, seq in enumerate(seqs)] for name in sources}
 
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:
@@ -238,20 +244,22 @@ class Session:
                                  f"[0, {vocab - 1}]")
         return seqs
 
-    def generate(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] = ()) -> generation.GenerationResult:
-        """New tokens for each prompt by cached decoding, batched, on the torch backend (``generation.py``)."""
-        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
-        return generation.generate(self._backend, self.check_sequences(prompts), options, self.max_tokens_per_batch)
+    def generate(self, prompts: Any, options: generation.GenerationOptions) -> generation.GenerationResult:
+        """New tokens for each prompt by cached decoding, batched, on a backend that decodes (``generation.py``)."""
+        return generation.generate(self._backend, self._prompts(prompts, options), options, self.max_tokens_per_batch)
 
-    def generate_stream(self, prompts: Any, max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        stop_ids: Sequence[int] = ()) -> Iterator[generation.TokenEvent]:
-        """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; arguments are checked at the call."""
-        options = generation.GenerationOptions(max_new_tokens, strategy, temperature, top_k, top_p, seed, stop_ids)
-        return generation.generate_stream(self._backend, self.check_sequences(prompts), options,
+    def generate_stream(self, prompts: Any, options: generation.GenerationOptions) -> Iterator[generation.TokenEvent]:
+        """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; everything is checked at the call."""
+        return generation.generate_stream(self._backend, self._prompts(prompts, options), options,
                                           self.max_tokens_per_batch)
+
+    def _prompts(self, prompts: Any, options: object) -> list[np.ndarray]:
+        """The prompts of a generation, checked once for either way of generating, once ``options`` is one object."""
+        if not isinstance(options, generation.GenerationOptions):
+            raise InputTypeError(f"options: got {type(options).__name__}; expected a GenerationOptions "
+                                 "(reformer_rt.runtime.generation), e.g. GenerationOptions(max_new_tokens=64, "
+                                 "strategy='sample', seed=1)")
+        return self.check_sequences(prompts)
 
 
 def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
-from reformer_rt.models import InputError, ReformerConfig
+from reformer_rt.export.metadata import GRAPH_INPUTS, ExportInfo, export_info
+from reformer_rt.models import InputError
 from reformer_rt.models.lsh import OP_NAME, OP_NAMESPACE, PLUGIN_ATTRIBUTES, PLUGIN_VERSION_ATTR
 
 from .artifacts import ARTIFACT_KINDS, cached_export
@@ -39,7 +39,6 @@ from .engine_builder import BuildOptions, engine_for, import_plugin, import_tens
 from .engine_cache import EngineCache, EngineFileError, check_runtime_match, read_engine_file
 from .engine_profiles import BatchLength, make_profile
 from .hardware import gpu_info
-from .outputs import raw_name
 
 if TYPE_CHECKING:  # imported for real in TensorRTBackend.__init__, after import_tensorrt() has checked it
     import tensorrt as trt
@@ -62,6 +61,7 @@ def plugin_registered() -> bool:
 
 class TensorRTBackend:
     name = "tensorrt"
+    decoder = None  # an engine has no decoding step
 
     def __init__(self, engine: bytes, record: dict[str, Any], device: str = "cuda") -> None:
         """Deserialize ``engine`` on ``device``; ``record`` is its build record (``engine_builder.make_record``)."""
@@ -72,11 +72,9 @@ class TensorRTBackend:
         gpu = gpu_info(device)
         self.device = torch.device("cuda", gpu.index)
         torch.cuda.set_device(self.device)  # TensorRT runs on the current device, in torch's primary context
-        metadata = record["metadata"]
-        self.config = ReformerConfig.from_dict(metadata["config"])
-        self.task, graph_outputs = export_task(metadata["export_options"])
-        self._graph_outputs = {raw_name(self.task, name): name for name in graph_outputs}  # raw -> engine tensor
-        self.max_length = int(metadata["export_options"]["max_length"])
+        info = ExportInfo.parse(record["metadata"], where="engine record", fix="rebuild it with reformer-rt build")
+        self.config, self.task, self.max_length = info.config, info.task.name, info.max_length
+        self._graph_outputs = {raw.name: raw.exported_name for raw in info.task.graph}  # raw -> engine tensor
         self.record = record
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -89,9 +87,9 @@ class TensorRTBackend:
         self._stream = torch.cuda.Stream(self.device)
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in self._names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if sorted(inputs) != sorted(GRAPH_INPUTS) or not set(graph_outputs) <= set(self._names):
+        if sorted(inputs) != sorted(GRAPH_INPUTS) or not set(info.outputs) <= set(self._names):
             raise EngineFileError(f"engine tensors {self._names}; expected inputs {list(GRAPH_INPUTS)} and outputs "
-                                  f"{list(graph_outputs)} (an engine built by reformer-rt build)")
+                                  f"{list(info.outputs)} (an engine built by reformer-rt build)")
         low, _, high = self._engine.get_tensor_profile_shape(GRAPH_INPUTS[0], 0)
         self.min_shape, self.max_shape = BatchLength(low[0], low[1]), BatchLength(high[0], high[1])
         self._shape: tuple[int, int] | None = None
@@ -110,7 +108,7 @@ class TensorRTBackend:
         if kind not in ARTIFACT_KINDS:
             raise InputError(f"kind: got {kind!r}; expected one of {ARTIFACT_KINDS}")
         onnx_path = cached_export(Path(path), attention="plugin") if kind == "checkpoint" else Path(path)
-        max_length = int(export_metadata(onnx_path, attention="plugin")["export_options"]["max_length"])
+        max_length = export_info(onnx_path, attention="plugin").max_length
         options = BuildOptions(make_profile(None, None, None, max_length))
         built = engine_for(onnx_path, options, EngineCache(), device, log=log.warning)
         return cls(built.engine, built.record, device)

@@ -33,21 +33,19 @@ check failed, 2 no CUDA device or an unusable ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from reformer_rt.models import InputError, LSHAttrs, ReformerConfig, ReformerModel
 from reformer_rt.models.attention import LSHSelfAttention, lsh_attrs
-from reformer_rt.models.lsh_op import KERNELS_ENV
+from reformer_rt.models.lsh_op import forced_kernels
 from reformer_rt.plugins.lsh_triton import lsh_attention_triton
 from reformer_rt.plugins.parity import compare, random_inputs
 
@@ -78,20 +76,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-model", action="store_true", help="skip the 12-layer model timings")
     parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times of our 12-layer model")
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def kernels(name: str) -> Iterator[None]:
-    """Run the LSH op with the ``triton`` or ``reference`` implementation inside the block."""
-    previous = os.environ.get(KERNELS_ENV)
-    os.environ[KERNELS_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(KERNELS_ENV, None)
-        else:
-            os.environ[KERNELS_ENV] = previous
 
 
 def measure(fn: Callable[[], object], target_ms: float = 300.0) -> tuple[float, int, int, str]:
@@ -176,7 +160,7 @@ def bench_layer(rows: list[Point], length: int) -> None:
     x = torch.randn(1, length, config.hidden_size, device="cuda", dtype=torch.float16)
     mask = torch.ones(1, length, dtype=torch.int32, device="cuda")
     for implementation, name in (("triton", "ours (layer)"), ("reference", "reference (layer)")):
-        with kernels(implementation):
+        with forced_kernels(implementation):
             timed(rows, LAYER, length, name, lambda: ours(x, mask))
     try:
         from transformers.models.reformer.modeling_reformer import LSHSelfAttention as HFLSHSelfAttention
@@ -196,7 +180,7 @@ def _bench_ours(rows: list[Point], length: int, directory: str, ids: torch.Tenso
                 profile: bool) -> list[dict] | None:
     """Our ReformerModel from ``directory`` (fp16, Triton kernels); with ``profile``, its per-kernel times."""
     ours = ReformerModel.from_pretrained(directory, max_length=length).half().cuda()
-    with kernels("triton"):
+    with forced_kernels("triton"):
         timed(rows, MODEL, length, OURS_MODEL, lambda: ours(ids))
         return profile_forward(lambda: ours(ids)) if profile else None
 

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reformer_rt.export.metadata import export_metadata
+from reformer_rt.export.metadata import export_info
 from reformer_rt.models import InputError
 
 from ..artifacts import ENGINE_SUFFIXES
@@ -62,8 +62,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_paths(args)
-    metadata = export_metadata(args.model, attention="plugin")
-    max_length = int(metadata["export_options"]["max_length"])
+    max_length = export_info(args.model, attention="plugin").max_length
     given = ((args.min_shape, "--min"), (args.opt_shape, "--opt"), (args.max_shape, "--max"))
     low, opt, high = (parse_batch_length(text, flag) if text else None for text, flag in given)
     profile = make_profile(low, opt, high, max_length)

@@ -9,6 +9,9 @@ traceback; 1 anything else, which is a bug and keeps its traceback; 130 / 143 st
 printed as ``reformer-rt CMD: interrupted``; 141 (quietly) when the reader of stdout went away, as for SIGPIPE.
 Whatever a stopped or failed command was writing is left as it was (see ``runtime/artifacts.py`` and
 ``models/errors.py``).
+
+``REFORMER_RT_KERNELS=triton|reference`` is read here, once: every command runs inside ``forced_kernels`` with
+its value (``models/lsh_op.py``).
 """
 
 from __future__ import annotations
@@ -87,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the first imports load torch (seconds): Ctrl-C there is an interrupt too, not a traceback
         from reformer_rt.models import ReformerError
         from reformer_rt.models.errors import os_error_hint, stop_on_signals, stop_signal
+        from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels, parse_kernels
     except KeyboardInterrupt:
         return _interrupted(command, signal.SIGINT)
     with stop_on_signals():
         try:
             args = _parse(argv)  # imports every command's module: signals are handled from here on
             command = args.command
-            code = int(args.func(args) or 0)
+            with forced_kernels(parse_kernels(os.environ.get(KERNELS_ENV))):
+                code = int(args.func(args) or 0)
         except KeyboardInterrupt as exc:
             return _interrupted(command, getattr(exc, "signum", signal.SIGINT))
         except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as SIGPIPE would

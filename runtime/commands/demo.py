@@ -25,6 +25,7 @@ from reformer_rt.models.presets import demo_model_dir
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus
 
+from ..generation import GenerationOptions
 from ..hardware import machine_name
 from ..session import BACKENDS, Session
 from ..tokenizers import prompt_ids
@@ -61,8 +62,9 @@ def sample(session: Session, tokenizer: ByteTokenizer, prompt: str, n: int, seed
            temperature: float = 0.7, top_k: int = 20) -> tuple[str, float]:
     """Top-k sampling by cached decoding (``session`` on the torch backend) -> (text, tokens/s of the steps)."""
     ids = prompt_ids(tokenizer, prompt)
-    result = session.generate([ids], n, strategy="sample", temperature=temperature, top_k=top_k, seed=seed,
-                              stop_ids=[] if session.config.eos_token_id is None else [session.config.eos_token_id])
+    stop_ids = [] if session.config.eos_token_id is None else [session.config.eos_token_id]
+    options = GenerationOptions(n, "sample", temperature=temperature, top_k=top_k, seed=seed, stop_ids=stop_ids)
+    result = session.generate([ids], options)
     return tokenizer.decode(ids + list(result.tokens[0])), result.tokens_per_s
 
 
@@ -118,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     _report_parity(model, sequences, logits, session.backend)
     if args.generate:
         _stage(args.quiet, "sampling with cached decoding (torch backend)")
-        generator = session if session.backend == "torch" else Session(directory, backend="torch",
-                                                                       threads=args.threads)
+        generator = session if session.can_decode else Session(directory, backend="torch", threads=args.threads)
         text, rate = sample(generator, tokenizer, args.prompt, args.generate, args.seed)
         print(f"generation: {rate:,.0f} tokens/s (cached decoding, torch on {generator.device}; the forward pass "
               f"above: {sum(lengths) / seconds:,.0f} tokens/s)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from reformer_rt.models import InputError
 
 from ..artifacts import artifact_kind
-from ..generation import STRATEGIES, TokenEvent
+from ..generation import STRATEGIES, GenerationOptions, TokenEvent
 from ..session import Session
 from ..tokenizers import TextStream, Tokenizer, load_tokenizer, prompt_ids
 from .run import _read_ids
@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         prompts = [prompt_ids(tokenizer, _stdin_text() if args.prompt == "-" else args.prompt)]
         eos = session.config.eos_token_id
         stop_ids = args.stop_ids or ([] if eos is None else [eos])
-    events = session.generate_stream(prompts, args.max_new_tokens, args.strategy, args.temperature, args.top_k,
-                                     args.top_p, args.seed, stop_ids)
+    options = GenerationOptions(args.max_new_tokens, args.strategy, args.temperature, args.top_k, args.top_p, args.seed,
+                                stop_ids)
+    events = session.generate_stream(prompts, options)
     clock = _Clock()
     if tokenizer is None:
         finished = _stream_ids(clock.timed(events))

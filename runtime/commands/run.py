@@ -22,7 +22,8 @@ import numpy as np
 
 from reformer_rt.models import InputError
 
-from ..artifacts import DEFAULT_MAX_TOKENS, Payload, write_files_atomic
+from ..artifacts import Payload, write_files_atomic
+from ..batching import DEFAULT_MAX_TOKENS
 from ..session import BACKENDS, Session
 from ..tokenizers import load_tokenizer
 

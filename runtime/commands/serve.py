@@ -27,7 +27,7 @@ from typing import Any
 from reformer_rt.models import InputError
 from reformer_rt.models.presets import demo_model_dir
 
-from ..artifacts import DEFAULT_MAX_TOKENS
+from ..batching import DEFAULT_MAX_TOKENS
 from ..serving.spec import ModelSpec, SessionDefaults, model_specs
 from ..session import BACKENDS, DTYPES
 

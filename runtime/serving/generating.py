@@ -49,7 +49,7 @@ class GenerateRequest:
 def _check_can_generate(model: ServedModel) -> None:
     if not model.can_generate:
         why = (f"its backend is {model.session.backend}: cached decoding runs on the torch backend (serve the "
-               "checkpoint directory with --backend torch)" if model.session.backend != "torch" else
+               "checkpoint directory with --backend torch)" if not model.session.can_decode else
                "it is not a causal language model")
         raise BadRequest(f"model {model.name!r} cannot generate: {why}")
 
@@ -122,10 +122,7 @@ Runner = Callable[[Callable[[], Iterator[Any]]], AsyncIterator[Any]]
 
 
 def stream(model: ServedModel, request: GenerateRequest, run: Runner) -> AsyncIterator[TokenEvent]:
-    options = request.options
-    return run(lambda: model.session.generate_stream(
-        request.prompts, options.max_new_tokens, options.strategy, options.temperature, options.top_k,
-        options.top_p, options.seed, options.stop_ids))
+    return run(lambda: model.session.generate_stream(request.prompts, request.options))
 
 
 async def collect(model: ServedModel, request: GenerateRequest, run: Runner) -> tuple[list[list[int]], list[str]]:

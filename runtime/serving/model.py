@@ -87,7 +87,7 @@ class ServedModel:
     def can_generate(self) -> bool:
         """Whether the model answers with new tokens (``generating.py``): a causal LM on the torch backend."""
         session = self.session
-        return session.backend == "torch" and session.task == "lm" and session.config.is_decoder
+        return session.can_decode and session.task == "lm" and session.config.is_decoder
 
     def _output_specs(self) -> list[tuple[str, str, list[int]]]:
         kinds = self.session.output_kinds(self.session.outputs)

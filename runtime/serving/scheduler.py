@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..batching import bucket_length, run_length, sequences_per_batch
+from ..batching import DEFAULT_MAX_TOKENS, bucket_length, run_length, sequences_per_batch
 from ..outputs import SequenceJob
 from .metrics import Metrics
 from .model import ParsedRequest, ServedModel
@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOptions:
-    max_tokens_per_batch: int = 1 << 17
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024  # requests waiting (not yet fully dispatched)
     default_priority: int = 10  # the level of requests that give none (priority 0)

@@ -74,25 +74,19 @@ def python_config(name: str, source: Path, backend: str, device: str | None, que
 
 def onnxruntime_config(name: str, onnx_path: Path) -> Any:
     """The onnxruntime-backend ``ModelConfig`` of a portable export: its graph outputs, per-sequence dims."""
-    from reformer_rt.export.metadata import GRAPH_INPUTS, export_metadata, export_task
-    from reformer_rt.models import ReformerConfig
+    from reformer_rt.export.metadata import GRAPH_INPUTS, export_info
 
-    from ..outputs import RAW_OUTPUTS, raw_name
     from .model import MAX_SEQUENCES_PER_REQUEST
 
     pb = _config_pb()
-    meta = export_metadata(onnx_path, attention="portable")
-    model_config = ReformerConfig.from_dict(meta["config"])
-    task, outputs = export_task(meta["export_options"])
-    widths = {"lm": model_config.vocab_size, "base": 2 * model_config.hidden_size,
-              "classification": model_config.num_labels}
+    info = export_info(onnx_path, attention="portable")
     config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=MAX_SEQUENCES_PER_REQUEST)
     for graph_input in GRAPH_INPUTS:
         config.input.add(name=graph_input, data_type=pb.DataType.TYPE_INT64, dims=[-1])
-    for output in outputs:
-        per_position = RAW_OUTPUTS[raw_name(task, output)]
-        dims = ([-1] if per_position else []) + ([widths[task]] if task in widths else [])
-        config.output.add(name=output, data_type=pb.DataType.TYPE_FP32, dims=dims)
+    for raw in info.task.graph:
+        width = raw.size(info.config)
+        dims = ([-1] if raw.per_position else []) + ([width] if width is not None else [])
+        config.output.add(name=raw.exported_name, data_type=pb.DataType.TYPE_FP32, dims=dims)
     return config
 
 

@@ -14,11 +14,11 @@ import onnx
 import pytest
 import torch
 
-from reformer_rt.export import ExportError, export_metadata, export_onnx
+from reformer_rt.export import ExportError, ExportInfo, export_info, export_metadata, export_onnx
 from reformer_rt.export import cli as export_cli
 from reformer_rt.export import lowering
 from reformer_rt.export import onnx_export
-from reformer_rt.export.metadata import DIGEST_KEY, PREFIX
+from reformer_rt.export.metadata import DIGEST_KEY, PREFIX, read_metadata
 from reformer_rt.models import InputError, ReformerLM
 from reformer_rt.models.errors import Interrupted, stop, stop_on_signals
 from tiny_artifacts import CONFIG, tiny_checkpoint, tiny_export
@@ -153,3 +153,45 @@ def test_file_without_metadata_or_not_onnx(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"\x00\xffjunk" * 10)
     with pytest.raises(InputError, match="cannot read it as ONNX"):
         export_metadata(tmp_path / "junk.onnx")
+
+
+# -------------------------------------------------------------------------------------------- ExportInfo
+def test_export_info_is_the_checked_metadata_typed(tiny) -> None:
+    info = export_info(tiny[1], attention="portable")
+    options = read_metadata(tiny[1])["export_options"]
+    assert (info.attention, info.dtype, info.opset, info.max_length, info.padding) == (
+        options["attention"], options["dtype"], options["opset"], options["max_length"], options["padding"])
+    assert info.task.name == "lm" and info.outputs == ("logits",) and info.config == CONFIG.resolved()
+    assert ExportInfo.parse(read_metadata(tiny[1])) == info
+
+
+def test_export_info_reads_a_file_from_before_tasks_were_recorded(tiny) -> None:
+    metadata = read_metadata(tiny[1])
+    old = {key: metadata["export_options"][key] for key in ("attention", "dtype", "opset", "max_length",
+                                                            "output_name")}
+    info = ExportInfo.parse({"config": metadata["config"], "export_options": old})
+    assert info.task.name == "lm" and info.padding == "in_graph" and info.package_version == "unknown"
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"max_length": None}, "export_options.max_length: got None; expected an integer"),
+    ({"opset": "eighteen"}, "export_options.opset: got 'eighteen'; expected an integer"),
+    ({"dtype": 16}, "export_options.dtype: got 16; expected a string"),
+    ({"task": "translation"}, "task: got 'translation'; expected one of"),
+    ({"task": "question_answering"}, "task 'question_answering' with outputs ['logits']"),
+])
+def test_bad_export_options_are_named_with_what_to_do(tiny, change: dict, words: str) -> None:
+    metadata = read_metadata(tiny[1])
+    bad = {**metadata, "export_options": {**metadata["export_options"], **change}}
+    with pytest.raises(InputError, match="re-export it") as info:
+        ExportInfo.parse(bad)
+    assert words in str(info.value)
+
+
+def test_metadata_without_its_entries_is_named(tiny, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="engine record: got entries \\['config'\\]; expected the 'config' and "
+                                         "'export_options' entries.*; rebuild it"):
+        ExportInfo.parse({"config": {}}, where="engine record", fix="rebuild it")
+    with pytest.raises(InputError, match="its reformer_rt metadata is malformed: export_options.max_length: got "
+                                         "'long'; expected an integer; re-export"):
+        export_info(_edited(tiny[1], tmp_path / "m.onnx", max_length="long"))

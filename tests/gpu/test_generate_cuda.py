@@ -17,9 +17,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from lsh_cases import small_lm
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.decoding import DecodeCache, prefill, step
-from reformer_rt.models.lsh_op import KERNELS_ENV
+from reformer_rt.models.lsh_op import forced_kernels
 from reformer_rt.plugins.kernels import _lsh_attend_kernel
-from reformer_rt.runtime import Session
+from reformer_rt.runtime import GenerationOptions, Session
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,13 +56,13 @@ def _greedy(model: ReformerLM, prompts: list[list[int]]) -> tuple[list[list[int]
     return stacked.argmax(-1).tolist(), stacked
 
 
-def test_cuda_triton_prefill_equals_reference_op(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_triton_prefill_equals_reference_op() -> None:
     model = small_lm().cuda()
     prompts = _prompts(model.config.vocab_size)
     results = {}
     for kernels in ("reference", "triton"):
-        monkeypatch.setenv(KERNELS_ENV, kernels)
-        results[kernels] = _greedy(model, prompts)
+        with forced_kernels(kernels):
+            results[kernels] = _greedy(model, prompts)
     assert results["triton"][0] == results["reference"][0]
     assert (results["triton"][1] - results["reference"][1]).abs().max().item() <= 1e-4
 
@@ -81,12 +81,14 @@ def test_session_generate_on_cuda(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "lm")
     prompts = _prompts(model.config.vocab_size)
     fp32 = Session(tmp_path / "lm", backend="torch", device="cuda")
-    result = fp32.generate(prompts, NEW_TOKENS)
+    result = fp32.generate(prompts, GenerationOptions(NEW_TOKENS))
     for i, prompt in enumerate(prompts):
-        assert fp32.generate([prompt], NEW_TOKENS).tokens[0] == result.tokens[i]
-    sampled = fp32.generate(prompts, NEW_TOKENS, strategy="sample", top_p=0.9, seed=3)
-    assert fp32.generate(prompts, NEW_TOKENS, strategy="sample", top_p=0.9, seed=3).tokens == sampled.tokens
-    fp16 = Session(tmp_path / "lm", backend="torch", device="cuda", dtype="float16").generate(prompts, NEW_TOKENS)
+        assert fp32.generate([prompt], GenerationOptions(NEW_TOKENS)).tokens[0] == result.tokens[i]
+    sampling = GenerationOptions(NEW_TOKENS, strategy="sample", top_p=0.9, seed=3)
+    sampled = fp32.generate(prompts, sampling)
+    assert fp32.generate(prompts, sampling).tokens == sampled.tokens
+    fp16 = Session(tmp_path / "lm", backend="torch", device="cuda", dtype="float16").generate(
+        prompts, GenerationOptions(NEW_TOKENS))
     assert [len(t) for t in fp16.tokens] == [NEW_TOKENS] * len(prompts)
     agree = np.mean([a == b for x, y in zip(fp16.tokens, result.tokens) for a, b in zip(x[:4], y[:4])])
     assert agree >= 0.75  # fp16 rounding may flip a near tie; most first tokens agree with fp32

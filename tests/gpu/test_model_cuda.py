@@ -18,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from lsh_cases import small_lm
 from reformer_rt.models import ReformerLM
-from reformer_rt.models.lsh_op import KERNELS_ENV
+from reformer_rt.models.lsh_op import forced_kernels
 from reformer_rt.plugins.kernels import _lsh_attend_kernel
 from reformer_rt.plugins.parity import FP32_TOL
 from reformer_rt.runtime import Session
@@ -49,7 +49,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, vocab, n).tolist() for n in LENGTHS]
 
 
-def test_model_triton_on_cuda_equals_reference_op(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_triton_on_cuda_equals_reference_op() -> None:
     model = small_lm().cuda()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (3, 128), generator=generator).cuda()
@@ -58,8 +58,7 @@ def test_model_triton_on_cuda_equals_reference_op(monkeypatch: pytest.MonkeyPatc
     attention_mask[2, 9:] = 0
     logits = {}
     for kernels in ("reference", "triton"):
-        monkeypatch.setenv(KERNELS_ENV, kernels)
-        with torch.inference_mode():
+        with torch.inference_mode(), forced_kernels(kernels):
             logits[kernels] = model(input_ids, attention_mask)
     valid = attention_mask.bool()
     assert (logits["triton"] - logits["reference"])[valid].abs().max().item() <= FP32_TOL

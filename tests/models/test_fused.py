@@ -10,7 +10,8 @@ from reformer_rt.models import LSHAttrs, lsh_attention_reference
 from reformer_rt.models import fused
 from reformer_rt.models.attention import _merge_heads
 from reformer_rt.models.fused import fused_attention, local_attention_fused, lsh_attention_fused
-from reformer_rt.models.lsh_op import KERNELS_ENV, select_implementation
+from reformer_rt.models.errors import ReformerError
+from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels, kernels_forced, parse_kernels, select_implementation
 
 TOL = 1e-5  # float32; both sides compute in float32, so only rounding differs
 
@@ -84,16 +85,40 @@ def test_local_fused_equals_reference(causal: bool, before: int, after: int, len
     assert torch.equal(through_layer, got)
 
 
-def test_fused_is_the_cpu_implementation_only_inside_the_context(monkeypatch) -> None:
-    monkeypatch.delenv(KERNELS_ENV, raising=False)
+def test_fused_is_the_cpu_implementation_only_inside_the_context() -> None:
     cpu = torch.device("cpu")
     assert select_implementation(cpu) == "reference"
     with fused_attention():
         assert select_implementation(cpu) == "fused"
-        monkeypatch.setenv(KERNELS_ENV, "reference")
-        assert select_implementation(cpu) == "reference"  # forcing the oracle still works
-    monkeypatch.delenv(KERNELS_ENV)
+        with forced_kernels("reference"):
+            assert select_implementation(cpu) == "reference"  # forcing the oracle still works
     assert select_implementation(cpu) == "reference"
+
+
+def test_forced_kernels_is_a_context_value_not_the_environment(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(KERNELS_ENV, "reference")  # read at the edges (CLI, torch backend), never per call
+    with fused_attention():
+        assert kernels_forced() is None and select_implementation(cpu) == "fused"
+        with forced_kernels("reference"):
+            assert kernels_forced() == "reference" and select_implementation(cpu) == "reference"
+            with forced_kernels(None):  # nested: back to the choice by device
+                assert select_implementation(cpu) == "fused"
+            assert kernels_forced() == "reference"
+        assert kernels_forced() is None
+    with pytest.raises(ReformerError, match="kernels: got 'cuda'; expected one of"):
+        with forced_kernels("cuda"):
+            pass
+
+
+@pytest.mark.parametrize("value,forced", [(None, None), ("", None), (" Triton ", "triton"), ("reference", "reference")])
+def test_parse_kernels_reads_the_variable_value(value, forced) -> None:
+    assert parse_kernels(value) == forced
+
+
+def test_parse_kernels_names_the_variable_in_its_error() -> None:
+    with pytest.raises(ReformerError, match="REFORMER_RT_KERNELS: got 'fast'; expected 'triton' or 'reference'"):
+        parse_kernels("fast")
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4, 6), (1, 1, 2, 3, 2), (1, 2, 4, 8)])

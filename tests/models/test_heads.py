@@ -11,8 +11,10 @@ from conftest import ARCHITECTURES
 
 from reformer_rt.models import (
     ConfigError, ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification, ReformerLM,
-    load_pretrained,
+    ReformerModel, load_pretrained,
 )
+from reformer_rt.models.heads import ARCHITECTURES as CLASSES
+from reformer_rt.models.heads import LAST_LOGITS, TASKS
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,3 +118,33 @@ def test_question_answering_needs_two_labels() -> None:
     config = ReformerConfig.from_dict(dict(ARCHITECTURES["encoder"], num_labels=3))
     with pytest.raises(ConfigError, match="num_labels: got 3 for question answering; expected 2"):
         ReformerForQuestionAnswering(config)
+
+
+@pytest.mark.parametrize("cls", list(TASKS), ids=lambda cls: cls.__name__)
+def test_the_task_row_computes_what_the_forward_returns(cls) -> None:
+    """Each row's graph outputs, computed from the body's hidden state as the torch backend does, equal what the
+    class's forward (which the exporter traces) returns; every raw output has the row's shape."""
+    config = ReformerConfig.from_dict(dict(ARCHITECTURES["encoder"], hash_seed=3,
+                                           num_labels=2 if cls is ReformerForQuestionAnswering else 3))
+    torch.manual_seed(0)
+    model, task = cls(config), TASKS[cls]
+    ids, mask = _inputs(config.vocab_size, 20)
+    with torch.no_grad():
+        returned = model(ids, mask)
+        returned = tuple(returned) if isinstance(returned, tuple) else (returned,)
+        hidden = (model if isinstance(model, ReformerModel) else model.reformer)(ids, mask)
+        assert len(returned) == len(task.graph) == len(task.outputs)
+        for raw, expected in zip(task.graph, returned):
+            assert torch.equal(raw.compute(model, hidden, mask), expected)
+        for raw in task.raw_outputs:
+            rows = ((3, 1 if raw is LAST_LOGITS else 20) if raw.per_position else (3,))
+            width = () if raw.width == "none" else (raw.size(config),)
+            assert tuple(raw.compute(model, hidden, mask).shape) == rows + width, raw.name
+
+
+def test_each_raw_output_name_means_one_thing_across_tasks() -> None:
+    rows: dict = {}
+    for task in TASKS.values():
+        for raw in task.raw_outputs:
+            assert rows.setdefault(raw.name, raw) is raw, raw.name
+    assert set(CLASSES.values()) == set(TASKS)

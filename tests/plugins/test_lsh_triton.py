@@ -25,7 +25,7 @@ from lsh_cases import CASES, FP16_CASES, HASHED_CASES, Case, inputs, make_case, 
 from reformer_rt.models import LSHAttrs, lsh_attention  # noqa: E402
 from reformer_rt.models.errors import InputError, ReformerError  # noqa: E402
 from reformer_rt.models.lsh import lsh_attention_reference, lsh_hash, lsh_sort  # noqa: E402
-from reformer_rt.models.lsh_op import KERNELS_ENV  # noqa: E402
+from reformer_rt.models.lsh_op import forced_kernels  # noqa: E402
 from reformer_rt.plugins import lsh_triton  # noqa: E402
 from reformer_rt.plugins.kernels import _lsh_attend_kernel  # noqa: E402
 from reformer_rt.plugins.lsh_triton import lsh_attention_triton, lsh_hash_triton, lsh_sort_triton  # noqa: E402
@@ -134,7 +134,7 @@ def test_every_launch_the_launchers_make_is_a_compiled_specialization(monkeypatc
     assert len(set(launched)) > 10 and set(launched) <= compiled
 
 
-def test_model_logits_triton_equal_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_logits_triton_equal_reference() -> None:
     model = small_lm()
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, 40, (2, 90), generator=generator)  # padded to 96 inside the model
@@ -142,8 +142,7 @@ def test_model_logits_triton_equal_reference(monkeypatch: pytest.MonkeyPatch) ->
     attention_mask[1, 70:] = 0
     logits = {}
     for kernels in ("reference", "triton"):
-        monkeypatch.setenv(KERNELS_ENV, kernels)
-        with torch.no_grad():
+        with torch.no_grad(), forced_kernels(kernels):
             logits[kernels] = model(input_ids, attention_mask)
     assert (logits["triton"] - logits["reference"]).abs().max().item() <= FP32_TOL
 
@@ -152,8 +151,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     case = CASES[1]
     qk, v, rotations, mask = inputs(case, torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv(KERNELS_ENV, "triton")
-    with torch.no_grad(), pytest.raises(ReformerError, match="TRITON_INTERPRET=1"):
+    with torch.no_grad(), forced_kernels("triton"), pytest.raises(ReformerError, match="TRITON_INTERPRET=1"):
         lsh_attention(qk, v, rotations, mask, case.attrs)
 
 

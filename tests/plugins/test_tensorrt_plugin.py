@@ -29,7 +29,8 @@ from reformer_rt.models import ConfigError, ReformerConfig, ReformerLM
 from reformer_rt.models.attention import lsh_attrs
 from reformer_rt.models.lsh import (
     ATTRIBUTE_NAMES, ATTRIBUTES, INPUTS, ONNX_DOMAIN, OP_ID, OP_NAME, OP_NAMESPACE, OP_VERSION, PLUGIN_ATTRIBUTES,
-    PLUGIN_NAMESPACE_ATTR, PLUGIN_VERSION_ATTR, LSHAttrs, lsh_attention_reference, make_rotations,
+    PLUGIN_NAMESPACE_ATTR, PLUGIN_VERSION_ATTR, TENSORRT_INSTALL_HINT, LSHAttrs, lsh_attention_reference,
+    make_rotations,
 )
 from reformer_rt.runtime import engine_builder
 from reformer_rt.runtime.errors import BackendUnavailable
@@ -99,8 +100,13 @@ def test_nothing_else_imports_the_plugin_or_tensorrt() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_install_hints_agree() -> None:
-    assert _plugin()[0].INSTALL_HINT == engine_builder.INSTALL_HINT
+def test_the_install_hint_has_one_home() -> None:
+    """The plugin and the engine builder ask for TensorRT with the contract's words; no other source spells them."""
+    assert _plugin()[0].TENSORRT_INSTALL_HINT is engine_builder.TENSORRT_INSTALL_HINT is TENSORRT_INSTALL_HINT
+    package = SOURCE.parents[1]
+    spelled = [path.relative_to(package).as_posix() for folder in ("models", "plugins", "export", "runtime")
+               for path in sorted((package / folder).rglob("*.py")) if "tensorrt-cu13>=" in path.read_text("utf-8")]
+    assert spelled == ["models/lsh.py"]
 
 
 # ------------------------------------------------------------------------------------ source vs the contract

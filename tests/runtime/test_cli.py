@@ -58,6 +58,13 @@ def test_bad_arguments_exit_2_without_traceback(args, words: str) -> None:
     assert words in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_kernels_variable_is_read_once_where_the_command_starts(tmp_path) -> None:
+    env = {**os.environ, "REFORMER_RT_KERNELS": "fast"}
+    result = _cli("run", str(tmp_path / "missing"), "--ids", str(tmp_path / "ids.json"), env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "REFORMER_RT_KERNELS: got 'fast'; expected 'triton' or 'reference'" in result.stderr
+
+
 def test_bundled_demo_model_matches_its_training_log() -> None:
     """The committed weights reproduce the held-out bits per character their training log reports."""
     directory = demo_model_dir()

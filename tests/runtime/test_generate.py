@@ -13,9 +13,9 @@ import pytest
 import torch
 from tiny_artifacts import tiny_export
 
-from reformer_rt.models import ConfigError, InputError, ReformerConfig, ReformerLM
+from reformer_rt.models import ConfigError, InputError, InputTypeError, ReformerConfig, ReformerLM
 from reformer_rt.models.tokenizer import ByteTokenizer
-from reformer_rt.runtime import Session
+from reformer_rt.runtime import GenerationOptions, Session
 from reformer_rt.runtime.errors import BackendUnavailable
 from reformer_rt.runtime.generation import TokenEvent
 from reformer_rt.runtime.tokenizers import TextStream
@@ -49,29 +49,29 @@ def _prompts() -> list[list[int]]:
 
 def test_greedy_batch_equals_each_prompt_alone(session: Session) -> None:
     prompts = _prompts()
-    result = session.generate(prompts, 24)
+    result = session.generate(prompts, GenerationOptions(24))
     assert result.finish_reasons == ("length",) * len(prompts)
     assert [len(t) for t in result.tokens] == [24] * len(prompts)
     assert result.tokens[0] == result.tokens[4]  # the same prompt twice
     for i, prompt in enumerate(prompts):
-        assert session.generate([prompt], 24).tokens[0] == result.tokens[i]
+        assert session.generate([prompt], GenerationOptions(24)).tokens[0] == result.tokens[i]
     assert result.prefill_s > 0 and result.decode_s > 0 and result.tokens_per_s > 0
 
 
 def test_sampling_is_seeded_per_prompt(session: Session) -> None:
     prompts = _prompts()
-    first = session.generate(prompts, 20, seed=7, **SAMPLING)
-    assert session.generate(prompts, 20, seed=7, **SAMPLING).tokens == first.tokens
-    assert session.generate(prompts, 20, seed=8, **SAMPLING).tokens != first.tokens
+    first = session.generate(prompts, GenerationOptions(20, seed=7, **SAMPLING))
+    assert session.generate(prompts, GenerationOptions(20, seed=7, **SAMPLING)).tokens == first.tokens
+    assert session.generate(prompts, GenerationOptions(20, seed=8, **SAMPLING)).tokens != first.tokens
     for i, prompt in enumerate(prompts):  # prompt i draws from seed + i, whatever shares its batch
-        assert session.generate([prompt], 20, seed=7 + i, **SAMPLING).tokens[0] == first.tokens[i]
+        assert session.generate([prompt], GenerationOptions(20, seed=7 + i, **SAMPLING)).tokens[0] == first.tokens[i]
 
 
 def test_stop_ids_end_their_prompt_and_the_batch_carries_on(session: Session) -> None:
     prompts = _prompts()
-    free = session.generate(prompts, 16)
+    free = session.generate(prompts, GenerationOptions(16))
     stop = free.tokens[1][3]  # prompt 1 produces it at step 3 (or earlier)
-    result = session.generate(prompts, 16, stop_ids=[stop])
+    result = session.generate(prompts, GenerationOptions(16, stop_ids=[stop]))
     for tokens, free_tokens, reason in zip(result.tokens, free.tokens, result.finish_reasons):
         cut = free_tokens.index(stop) + 1 if stop in free_tokens else len(free_tokens)
         assert tokens == free_tokens[:cut]
@@ -81,8 +81,8 @@ def test_stop_ids_end_their_prompt_and_the_batch_carries_on(session: Session) ->
 
 def test_stream_yields_every_token_as_an_event(session: Session) -> None:
     prompts = _prompts()[:3]
-    events = list(session.generate_stream(prompts, 5, seed=1, **SAMPLING))
-    result = session.generate(prompts, 5, seed=1, **SAMPLING)
+    events = list(session.generate_stream(prompts, GenerationOptions(5, seed=1, **SAMPLING)))
+    result = session.generate(prompts, GenerationOptions(5, seed=1, **SAMPLING))
     assert all(isinstance(e, TokenEvent) for e in events)
     assert [(e.step, e.prompt) for e in events] == [(s, p) for s in range(5) for p in range(3)]
     for i in range(3):
@@ -90,16 +90,16 @@ def test_stream_yields_every_token_as_an_event(session: Session) -> None:
         assert tuple(e.token for e in mine) == result.tokens[i]
         assert [e.finished for e in mine] == [False] * 4 + [True]
         assert mine[-1].reason == "length" and mine[0].reason is None
-    with pytest.raises(InputError, match="top_k"):
-        session.generate_stream(prompts, 5, top_k=-1)  # checked at the call, not at the first event
+    with pytest.raises(InputError, match="stop_ids"):  # checked at the call, not at the first event
+        session.generate_stream(prompts, GenerationOptions(5, stop_ids=[CONFIG.vocab_size]))
 
 
 def test_small_token_budget_decodes_in_several_batches(session: Session) -> None:
     prompts = _prompts()
-    whole = session.generate(prompts, 10)
+    whole = session.generate(prompts, GenerationOptions(10))
     session.max_tokens_per_batch, budget = 100, session.max_tokens_per_batch
     try:
-        split = session.generate(prompts, 10)
+        split = session.generate(prompts, GenerationOptions(10))
     finally:
         session.max_tokens_per_batch = budget
     assert (split.tokens, split.finish_reasons) == (whole.tokens, whole.finish_reasons)
@@ -118,17 +118,28 @@ def test_small_token_budget_decodes_in_several_batches(session: Session) -> None
 ])
 def test_bad_arguments_raise_input_errors(session: Session, kwargs: dict, words: str) -> None:
     with pytest.raises(InputError, match=words):
-        session.generate([[1, 2, 3], list(range(30))], **kwargs)
+        session.generate([[1, 2, 3], list(range(30))], GenerationOptions(**kwargs))
+
+
+@pytest.mark.parametrize("options", [24, {"max_new_tokens": 24}, None])
+def test_options_travel_as_one_object(session: Session, options: object) -> None:
+    for generate in (session.generate, session.generate_stream):
+        with pytest.raises(InputTypeError, match="options: got .*; expected a GenerationOptions"):
+            generate([[1, 2, 3]], options)
 
 
 def test_other_backends_and_encoders_refuse_with_a_reason(tmp_path_factory, tmp_path) -> None:
     onnx_path = tiny_export(tmp_path_factory.getbasetemp())  # the session's shared tiny export
+    exported = Session(onnx_path, backend="onnxruntime")
+    assert not exported.can_decode  # declared by the backend, not read from its name
     with pytest.raises(BackendUnavailable, match="torch backend"):
-        Session(onnx_path, backend="onnxruntime").generate([[1, 2, 3]], 4)
+        exported.generate([[1, 2, 3]], GenerationOptions(4))
     encoder = tmp_path / "encoder"
     ReformerLM(ReformerConfig.from_dict({**CONFIG.to_dict(), "is_decoder": False})).save_pretrained(encoder)
+    masked_lm = Session(encoder, backend="torch")
+    assert masked_lm.can_decode  # the backend decodes; the model is what refuses
     with pytest.raises(ConfigError, match="is_decoder"):
-        Session(encoder, backend="torch").generate([[1, 2, 3]], 4)
+        masked_lm.generate([[1, 2, 3]], GenerationOptions(4))
 
 
 def test_text_stream_holds_back_a_split_character() -> None:
@@ -153,7 +164,7 @@ def test_cli_streams_ids_as_json_lines(session: Session, tmp_path) -> None:
     done = _cli("generate", str(session.path), "--ids", str(ids), "--max-new-tokens", "6", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
-    expected = session.generate(prompts, 6)
+    expected = session.generate(prompts, GenerationOptions(6))
     for i in range(2):
         assert tuple(e["token"] for e in events if e["prompt"] == i) == expected.tokens[i]
     assert "generated 12 tokens" in done.stderr

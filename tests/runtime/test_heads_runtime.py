@@ -13,8 +13,13 @@ import pytest
 import torch
 
 from reformer_rt.export import export_metadata, export_onnx
-from reformer_rt.models import ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification
+from reformer_rt.export.metadata import recorded_task
+from reformer_rt.models import (
+    ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification, load_pretrained,
+)
+from reformer_rt.models.heads import TASKS
 from reformer_rt.runtime import Session
+from reformer_rt.runtime.backends import OnnxRuntimeBackend, TorchBackend
 
 BASE = dict(vocab_size=40, hidden_size=16, num_attention_heads=2, attention_head_size=8, feed_forward_size=32,
             attn_layers=("local", "lsh"), axial_pos_embds=False, max_position_embeddings=256,
@@ -88,6 +93,18 @@ def test_exports_record_the_task_and_outputs(heads) -> None:
     assert export_metadata(root / "cls.onnx")["export_options"]["task"] == "classification"
     options = export_metadata(root / "qa.onnx")["export_options"]
     assert options["task"] == "question_answering" and options["output_names"] == ["start_logits", "end_logits"]
+
+
+def test_the_task_table_drives_the_backends_and_the_export_metadata(heads) -> None:
+    root, _, _ = heads
+    for name in ("cls", "qa"):
+        model = load_pretrained(root / name)
+        task = TASKS[type(model)]
+        assert TorchBackend(model).outputs == tuple(raw.name for raw in task.raw_outputs)
+        assert OnnxRuntimeBackend(root / f"{name}.onnx").outputs == tuple(raw.name for raw in task.graph)
+        meta = export_metadata(root / f"{name}.onnx")
+        assert recorded_task(meta["export_options"]) is task
+        assert tuple(meta["export_options"]["output_names"]) == task.outputs
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 
 from reformer_rt.models import ReformerConfig, ReformerLM  # noqa: E402
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
-from reformer_rt.runtime import Session  # noqa: E402
+from reformer_rt.runtime import GenerationOptions, Session  # noqa: E402
 from reformer_rt.runtime.serving.ray_serve import (  # noqa: E402
     APP_NAME, DEPLOYMENT, REPLICA_HEADER, RayServeOptions, deployment,
 )
@@ -146,7 +146,7 @@ def _post_json(url: str, path: str, body: dict) -> tuple[int, str, bytes]:
 def test_replicas_generate_whole_and_streamed_like_session_generate(app, checkpoint) -> None:
     session = Session(checkpoint, backend="torch", device="cpu")
     prompts = [[72, 101, 108, 108, 111] * 7, [100, 101, 102]]
-    expected = [list(t) for t in session.generate(prompts, 6).tokens]
+    expected = [list(t) for t in session.generate(prompts, GenerationOptions(6)).tokens]
     status, _, body = _post_json(app, "/v2/models/tiny/generate", {"input_ids": prompts, "max_tokens": 6})
     assert status == 200 and json.loads(body)["output_ids"] == expected
     status, kind, body = _post_json(app, "/v2/models/tiny/generate_stream", {"input_ids": prompts[1], "max_tokens": 6})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import inspect
 import json
 import subprocess
 import sys
@@ -12,8 +14,9 @@ import torch
 
 from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
 from reformer_rt.models.fused import fused_attention
+from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels
 from reformer_rt.runtime import Session
-from reformer_rt.runtime.batching import plan_batches
+from reformer_rt.runtime.batching import DEFAULT_MAX_TOKENS, plan_batches
 
 CONFIG = ReformerConfig(
     vocab_size=50, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
@@ -112,6 +115,13 @@ def test_embed_pools_hidden_states_over_valid_tokens(checkpoint) -> None:
         assert np.abs(last[i] - hidden[-1]).max() <= 1e-5
 
 
+def test_the_session_and_the_server_share_the_batching_contract_default_budget() -> None:
+    from reformer_rt.runtime.serving.scheduler import SchedulerOptions
+
+    session_default = inspect.signature(Session).parameters["max_tokens_per_batch"].default
+    assert SchedulerOptions().max_tokens_per_batch == session_default == DEFAULT_MAX_TOKENS
+
+
 def test_plan_groups_by_padded_length_and_respects_the_budget() -> None:
     plan = plan_batches(CONFIG, LENGTHS, max_tokens_per_batch=64)
     by_length = {b.length: b for b in plan.batches}
@@ -202,10 +212,32 @@ def test_triton_kernels_through_the_session_match_the_reference(checkpoint, monk
     model, directory = checkpoint
     seqs = [s[:40] for s in _sequences(4)[:3]]
     expected = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
-    monkeypatch.setenv("REFORMER_RT_KERNELS", "triton")
-    assert select_implementation(torch.device("cpu")) == "triton"
+    with forced_kernels("triton"):
+        assert select_implementation(torch.device("cpu")) == "triton"
+    monkeypatch.setenv(KERNELS_ENV, "triton")  # read when the torch backend is made
     got = Session(directory, backend="torch", device="cpu").run(seqs)["logits"]
     assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_the_torch_backend_keeps_its_kernels_in_other_threads(checkpoint, monkeypatch) -> None:
+    """Kernels forced where the backend is made hold where it runs: a server's worker thread has no context of its
+    own. (On CPU the torch backend runs fused unless the reference is forced.)"""
+    from reformer_rt.models import lsh_op
+
+    called = []
+    reference = lsh_op._IMPLEMENTATIONS["reference"]
+    monkeypatch.setitem(lsh_op._IMPLEMENTATIONS, "reference", lambda *args: called.append(1) or reference(*args))
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    _, directory = checkpoint
+    seqs = [s[:40] for s in _sequences(2)]
+    with forced_kernels("reference"):
+        forced = Session(directory, backend="torch", device="cpu")
+    plain = Session(directory, backend="torch", device="cpu")
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(plain.run, seqs).result()
+        assert not called
+        worker.submit(forced.run, seqs).result()
+        assert called
 
 
 def test_sentencepiece_tokenizer_is_found_next_to_the_model(tmp_path) -> None:

@@ -24,13 +24,14 @@ from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.presets import random_model
-from reformer_rt.runtime.artifacts import onnx_sha256
+from reformer_rt.export.metadata import read_metadata
+from reformer_rt.runtime.artifacts import max_length_of, onnx_sha256
 from reformer_rt.runtime.commands import doctor
 from reformer_rt.runtime.engine_builder import (
     BuildOptions, PhaseBars, check_tensorrt_version, engine_for, import_tensorrt, strong_typing_flags,
 )
 from reformer_rt.runtime.engine_cache import (
-    ENGINE_FILE, ENTRY_FILE, EngineCache, EngineFileError, EngineKey, check_runtime_match, make_record,
+    ENGINE_FILE, ENTRY_FILE, CacheMiss, EngineCache, EngineFileError, EngineKey, check_runtime_match, make_record,
     read_engine_file, sidecar_path, verify_record, write_engine_file,
 )
 from reformer_rt.runtime.engine_profiles import BatchLength, Profile, ProfileError, make_profile, parse_batch_length
@@ -170,10 +171,11 @@ def _store(tmp_path: Path, engine: bytes = b"engine-bytes" * 100) -> tuple[Engin
 def test_cache_round_trip(tmp_path: Path) -> None:
     cache, key, engine = _store(tmp_path)
     found = cache.load(key)
-    assert found is not None and found[0] == engine and found[1]["key"] == key.as_dict()
+    assert found is not None and found.engine == engine and found.record["key"] == key.as_dict()
+    assert cache.check(_key(tf32=False)) == CacheMiss("no entry", absent=True)
     assert cache.load(_key(tf32=False)) is None
     assert [p.name for p in cache.root.iterdir()] == [cache.entry_dir(key).name]  # no staging left behind
-    cache.store(key, engine, found[1])  # storing again over a valid entry is harmless
+    cache.store(key, engine, found.record)  # storing again over a valid entry is harmless
     assert cache.load(key) is not None
 
 
@@ -198,7 +200,8 @@ def test_corrupt_cache_entry_is_detected_and_removed(tmp_path: Path, damage: str
         record = json.loads((entry / ENTRY_FILE).read_text())
         record["engine_format"] = 0
         (entry / ENTRY_FILE).write_text(json.dumps(record))
-    assert isinstance(cache.check(key), str)
+    missed = cache.check(key)
+    assert isinstance(missed, CacheMiss) and missed.reason and missed.absent == (damage == "missing_engine")
     logged: list[str] = []
     assert cache.load(key, logged.append) is None
     if damage != "missing_engine":  # an entry without its engine reads as absent and is replaced on store
@@ -239,6 +242,16 @@ def test_engine_file_errors(tmp_path: Path) -> None:
         read_engine_file(path)
     with pytest.raises(InputError, match="is a directory"):
         write_engine_file(tmp_path, engine, {})
+
+
+def test_an_engine_record_is_read_as_export_info(tiny_onnx: Path, tmp_path: Path) -> None:
+    engine, path = b"\x00engine" * 50, tmp_path / "m.engine"
+    metadata = read_metadata(tiny_onnx)
+    write_engine_file(path, engine, make_record(_key(), engine, metadata, tiny_onnx))
+    assert max_length_of(path) == metadata["export_options"]["max_length"]
+    write_engine_file(path, engine, make_record(_key(), engine, RECORD_METADATA, tiny_onnx))  # no max_length
+    with pytest.raises(InputError, match="m.engine.json: export_options.*; expected .*; rebuild the engine"):
+        max_length_of(path)
 
 
 def test_engine_is_tied_to_tensorrt_version_and_gpu_architecture() -> None:

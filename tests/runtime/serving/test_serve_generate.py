@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from reformer_rt.models.tokenizer import ByteTokenizer
-from reformer_rt.runtime import Session
+from reformer_rt.runtime import GenerationOptions, Session
 from serve_harness import wait_until
 
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n\nclass Path"]
@@ -33,7 +33,7 @@ def reference(tiny_checkpoint) -> Session:
 
 def _expected(reference: Session, texts: list[str], **options) -> list[list[int]]:
     ids = [ByteTokenizer().encode(t) for t in texts]
-    return [list(t) for t in reference.generate(ids, NEW, **options).tokens]
+    return [list(t) for t in reference.generate(ids, GenerationOptions(NEW, **options)).tokens]
 
 
 def _post(server, path: str, body: dict) -> http.client.HTTPResponse:
@@ -52,7 +52,8 @@ def test_generate_extension_json(server, reference) -> None:
     single = json.loads(_post(server, "/v2/models/tiny/generate",
                               {"input_ids": ByteTokenizer().encode(PROMPTS[0]),
                                "parameters": {"max_new_tokens": 4, "strategy": "sample", "seed": 3}}).read())
-    sampled = reference.generate([ByteTokenizer().encode(PROMPTS[0])], 4, strategy="sample", seed=3).tokens[0]
+    sampled = reference.generate([ByteTokenizer().encode(PROMPTS[0])],
+                                 GenerationOptions(4, strategy="sample", seed=3)).tokens[0]
     assert single["output_ids"] == list(sampled)
 
 
