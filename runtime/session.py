@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,10 @@ class Session:
             raise InputError(f"dtype {dtype}: the {name} backend runs the precision its file was exported with; "
                              "export with --dtype float16 (then build), or open the checkpoint with backend='torch'")
         self.dtype = dtype
+        self._kind, self._threads = kind, threads
         self._backend: Backend = self._open(name, kind, threads)
+        self._companion_backend: Backend | None = None  # see ``_companion``
+        self._companion_lock = threading.Lock()
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
         self.task: str = self._backend.task
@@ -113,19 +117,46 @@ class Session:
         #: What ``run`` gives when no outputs are named: an LM's logits, a classifier's logits, QA start and end...
         self.default_outputs: tuple[str, ...] = task.default_outputs
         self._per_position = {raw.name: raw.per_position for raw in task.raw_outputs}
+        #: Raw outputs only the checkpoint's PyTorch model gives here (``_companion``): none for a torch session or
+        #: an exported file.
+        self._companion_outputs: tuple[str, ...] = tuple(
+            raw.name for raw in task.raw_outputs if raw.name not in self._backend.outputs) \
+            if kind == "checkpoint" and self._backend.decoder is None else ()
         self.output_name: str = self.default_outputs[0]
         self.max_length: int = self._backend.max_length
         log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        """Every output name ``run`` accepts for this model on this backend."""
-        return available_outputs(self._backend.outputs)
+        """Every output name ``run`` accepts for this model in this session."""
+        return available_outputs((*self._backend.outputs, *self._companion_outputs))
 
     @property
     def can_decode(self) -> bool:
-        """Whether the backend decodes with a cache (``generate``; the model must also be a causal LM)."""
-        return self._backend.decoder is not None
+        """Whether ``generate`` runs here (the model must also be a causal LM): the backend decodes with a cache, or
+        the session opened a checkpoint directory, whose PyTorch model decodes beside the backend (``_companion``)."""
+        return self._backend.decoder is not None or self._kind == "checkpoint"
+
+    def _companion(self) -> Backend:
+        """The backend that decodes and gives the outputs the session's own backend lacks: the backend itself when it
+        can (torch), else the checkpoint's PyTorch model on this device and dtype, opened on first use -- an exported
+        graph has no decoding step and holds only the outputs it was exported with, while the checkpoint has both.
+        Its weights and activations add to the session's memory from then on."""
+        if self._backend.decoder is not None:
+            return self._backend
+        if self._kind != "checkpoint":
+            raise BackendUnavailable(f"generate: cached decoding runs on the torch backend; this session runs the "
+                                     f"{self._kind} file {self.path} on {self.backend}, which has no decoding step -- "
+                                     "open the checkpoint directory instead (any backend: the PyTorch model then "
+                                     "decodes beside it)")
+        with self._companion_lock:
+            if self._companion_backend is None:
+                log.info("reformer-rt: opening the PyTorch model of %s beside %s (generation, %s)", self.path,
+                         self.backend, ", ".join(self._companion_outputs) or "no other outputs")
+                if self._threads:
+                    torch.set_num_threads(self._threads)
+                self._companion_backend = TorchBackend(_load_model(self.path), self.device, self.dtype)
+            return self._companion_backend
 
     # ------------------------------------------------------------------------------------------ backend choice
     def _choose(self, backend: str, kind: str) -> tuple[str, str]:
@@ -199,7 +230,15 @@ class Session:
         """The output kinds called ``names`` (distinct, at least one), or an error listing what this model gives."""
         if not names or len(set(names)) != len(names):
             raise InputError(f"outputs: got {list(names)}; expected distinct names from {list(self.outputs)}")
-        return [output_kind(name, self._backend.outputs) for name in names]
+        kinds = []
+        for name in names:  # from the backend's own outputs when it has what the kind needs, else the companion's
+            try:
+                kinds.append(output_kind(name, self._backend.outputs))
+            except InputError:
+                if not self._companion_outputs:
+                    raise
+                kinds.append(output_kind(name, (*self._backend.outputs, *self._companion_outputs)))
+        return kinds
 
     def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
         """ONE forward pass over checked sequences that share a micro-batch (``batching.py`` decides which and
@@ -210,7 +249,10 @@ class Session:
         for row, seq in enumerate(seqs):
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1
-        raw = self._backend.run(ids, mask, sources)
+        own = tuple(name for name in sources if name in self._backend.outputs)
+        raw = self._backend.run(ids, mask, own) if own else {}
+        if len(own) < len(sources):  # outputs only the checkpoint's PyTorch model gives (``_companion``)
+            raw.update(self._companion().run(ids, mask, tuple(n for n in sources if n not in own)))
         return {name: [raw[name][row, :len(seq)] if self._per_position[name] else raw[name][row]
                        for row, seq in enumerate(seqs)] for name in sources}
 
@@ -245,13 +287,15 @@ class Session:
         return seqs
 
     def generate(self, prompts: Any, options: generation.GenerationOptions) -> generation.GenerationResult:
-        """New tokens for each prompt by cached decoding, batched, on a backend that decodes (``generation.py``)."""
-        return generation.generate(self._backend, self._prompts(prompts, options), options, self.max_tokens_per_batch)
+        """New tokens for each prompt by cached decoding, batched (``generation.py``), on the backend when it decodes,
+        else on the checkpoint's PyTorch model beside it (``_companion``)."""
+        checked = self._prompts(prompts, options)
+        return generation.generate(self._companion(), checked, options, self.max_tokens_per_batch)
 
     def generate_stream(self, prompts: Any, options: generation.GenerationOptions) -> Iterator[generation.TokenEvent]:
         """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; everything is checked at the call."""
-        return generation.generate_stream(self._backend, self._prompts(prompts, options), options,
-                                          self.max_tokens_per_batch)
+        checked = self._prompts(prompts, options)
+        return generation.generate_stream(self._companion(), checked, options, self.max_tokens_per_batch)
 
     def _prompts(self, prompts: Any, options: object) -> list[np.ndarray]:
         """The prompts of a generation, checked once for either way of generating, once ``options`` is one object."""
