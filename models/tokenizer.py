@@ -30,6 +30,10 @@ class ByteTokenizer:
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
 
+    def is_special(self, token: int) -> bool:
+        """A reserved id (padding, end of sequence): no text of its own."""
+        return token < self.offset
+
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / TOKENIZER_FILE
         path.write_text(json.dumps({"type": "bytes", "offset": self.offset}, indent=2) + "\n", encoding="utf-8")

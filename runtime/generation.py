@@ -87,13 +87,16 @@ class TokenEvent:
 
     ``prompt``: the prompt's index in the call. ``step``: 0 for its first new token. ``token``: the id.
     ``finished``: True on the prompt's last token -- no more events for it follow. ``reason``: None until then,
-    then ``"stop"`` (the token is one of ``stop_ids``) or ``"length"`` (``max_new_tokens`` reached)."""
+    then ``"stop"`` (the token is one of ``stop_ids``) or ``"length"`` (``max_new_tokens`` reached).
+    ``logprob``: the token's log-probability under the model's next-token distribution (before temperature and
+    the top-k / top-p filters)."""
 
     prompt: int
     step: int
     token: int
     finished: bool
     reason: str | None
+    logprob: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +203,11 @@ def _decode_group(decoder: Decoder, prompts: list[np.ndarray], indices: list[int
     active = list(range(len(prompts)))  # rows of the group still generating, in prompt order
     for step_index in range(options.max_new_tokens):
         chosen = _choose(logits, options, [generators[row] for row in active])
+        logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(chosen)), chosen].tolist()
         kept = []
         for position, (row, token) in enumerate(zip(active, chosen)):
             reason = STOP if token in options.stop_ids else LENGTH if step_index + 1 == options.max_new_tokens else None
-            yield TokenEvent(indices[row], step_index, token, reason is not None, reason)
+            yield TokenEvent(indices[row], step_index, token, reason is not None, reason, logprobs[position])
             if reason is None:
                 kept.append(position)
         if not kept:

@@ -25,6 +25,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def is_special(self, token: int) -> bool:
+        """A control id (padding, end of sequence, unknown) rather than a piece of text."""
+        ...
+
 
 class SentencePieceTokenizer:
     def __init__(self, path: Path) -> None:
@@ -47,6 +51,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds(list(ids))
+
+    def is_special(self, token: int) -> bool:
+        return bool(self._sp.IsControl(token) or self._sp.IsUnknown(token))
 
 
 def load_tokenizer(directory: Path | None, config: ReformerConfig, required: bool = False) -> Tokenizer:

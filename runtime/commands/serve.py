@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reformer_rt.models import InputError
+from reformer_rt.models import InputError, ReformerError
 from reformer_rt.models.presets import demo_model_dir
 
 from ..batching import DEFAULT_MAX_TOKENS
+from ..serving.generating import DEFAULT_MAX_NEW_TOKENS_CAP
 from ..serving.spec import ModelSpec, SessionDefaults, model_specs
 from ..session import BACKENDS, DTYPES
 
@@ -41,7 +42,7 @@ OPTIONS: dict[str, tuple[Any, type]] = {
     "max_queue_delay_us": (0, int), "max_tokens_per_batch": (DEFAULT_MAX_TOKENS, int), "max_queue_size": (1024, int),
     "default_priority": (10, int), "batching": (True, bool), "max_body_mb": (64, int),
     "restricted_header": (None, str), "tls_cert": (None, str), "tls_key": (None, str),
-    "drain_timeout_s": (300.0, float), "access_log": (False, bool),
+    "drain_timeout_s": (300.0, float), "access_log": (False, bool), "max_new_tokens": (DEFAULT_MAX_NEW_TOKENS_CAP, int),
 }
 
 
@@ -69,6 +70,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batching", dest="batching", action="store_const", const=False,
                    help="run every request alone (its own sequences still share passes)")
     p.add_argument("--max-body-mb", type=int, help="request body cap in MiB (default 64; over it: 413)")
+    p.add_argument("--max-new-tokens", type=int, help=f"the most new tokens one generate request may ask for (default "
+                   f"{DEFAULT_MAX_NEW_TOKENS_CAP}; over it, or over the positions a prompt leaves: 400)")
     p.add_argument("--restricted-header", metavar="NAME[=VALUE]", help=f"require this header on every endpoint "
                    f"but health; without =VALUE the value comes from ${RESTRICTED_VALUE_ENV} (keeps it out of ps)")
     p.add_argument("--tls-cert", help="PEM certificate: serve HTTP, gRPC and metrics over TLS")
@@ -123,7 +126,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= out[name] <= 65535:
             raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected a port in 0..65535")
-    for name in ("max_tokens_per_batch", "max_queue_size", "max_body_mb"):
+    for name in ("max_tokens_per_batch", "max_queue_size", "max_body_mb", "max_new_tokens"):
         if out[name] < 1:
             raise InputError(f"--{name.replace('_', '-')}: got {out[name]}; expected >= 1")
     for name in ("max_queue_delay_us", "default_priority", "threads"):
@@ -178,20 +181,30 @@ def run(args: argparse.Namespace) -> int:
 
     options = server_options(config)
     defaults = session_defaults(config)
-    models = []
+    models, unavailable = [], {}
     for spec in config["models"]:
-        session = spec.open(defaults)
+        try:
+            session = spec.open(defaults)
+        except ReformerError as exc:  # one model's mistake: the others still serve
+            if len(config["models"]) == 1:
+                raise
+            log.error("reformer-rt serve: model %s = %s failed to load: %s", spec.name, spec.path, exc)
+            unavailable[spec.name] = str(exc)
+            continue
         log.info("reformer-rt serve: model %s = %s: backend %s (%s), device %s, max length %d, outputs %s", spec.name,
                  spec.path, session.backend, session.backend_reason, session.device, session.max_length,
                  ", ".join(session.outputs))
         models.append(ServedModel(spec.name, session))
     scheduler = options.scheduler
     log.info("reformer-rt serve: limits: %d padded tokens per batch, queue delay %d us, %d queued requests per "
-             "model, body %d MiB, batching %s, default priority %d%s", scheduler.max_tokens_per_batch,
-             scheduler.max_queue_delay_us, scheduler.max_queue_size, config["max_body_mb"],
-             "on" if scheduler.batching else "off", scheduler.default_priority,
+             "model, body %d MiB, %d new tokens per generation, batching %s, default priority %d%s",
+             scheduler.max_tokens_per_batch, scheduler.max_queue_delay_us, scheduler.max_queue_size,
+             config["max_body_mb"], config["max_new_tokens"], "on" if scheduler.batching else "off",
+             scheduler.default_priority,
              f", restricted header {options.restricted_header[0]}" if options.restricted_header else "")
-    return asyncio.run(_serve(InferenceServer(models, options)))
+    if not models:
+        raise InputError(f"no model loaded: {'; '.join(f'{name}: {why}' for name, why in unavailable.items())}")
+    return asyncio.run(_serve(InferenceServer(models, options, unavailable)))
 
 
 def server_options(config: dict[str, Any]) -> Any:
@@ -208,7 +221,13 @@ def server_options(config: dict[str, Any]) -> Any:
     scheduler = SchedulerOptions(config["max_tokens_per_batch"], config["max_queue_delay_us"],
                                  config["max_queue_size"], config["default_priority"], config["batching"])
     return ServerOptions(listeners, scheduler, restricted_header(config["restricted_header"]),
-                         config["drain_timeout_s"])
+                         config["drain_timeout_s"], generation_limits(config))
+
+
+def generation_limits(config: dict[str, Any]) -> Any:
+    from ..serving.generating import GenerationLimits
+
+    return GenerationLimits(config["max_new_tokens"])
 
 
 def listeners(options: Any) -> list[Any]:
@@ -274,7 +293,8 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
                          "batching delay")
     defaults = dataclasses.replace(session_defaults(config), threads=config["threads"] or 1)
     options = RayServeOptions(tuple(config["models"]), defaults, config["max_queue_delay_us"] / 1e6,
-                              config["max_body_mb"] << 20, restricted_header(config["restricted_header"]))
+                              config["max_body_mb"] << 20, restricted_header(config["restricted_header"]),
+                              generation_limits(config))
     scaling = _scaling(args)
     port = config["http_port"] or _free_port(config["host"])
     started = not ray.is_initialized() and args.address is None

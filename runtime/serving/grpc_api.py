@@ -155,13 +155,14 @@ class _Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         """A generation streamed as one response per token (``generating.py``)."""
         service = self.host.service(request.model_name, request.model_version)
         model = service.model
-        generate = generating.parse_infer(model, decoded)
+        generate = service.parse_generation(decoded)
         if generate is None:
             raise BadRequest("parameter 'stream': streams a generation; ask for generated_ids or generated_text")
-        async for event, piece in service.generate_stream(generate):
+        async for generated in service.generate_stream(generate):
+            event = generated.event
             outputs = [(generating.GENERATED_IDS, np.array([event.token], dtype=np.int64), True)]
             if model.tokenizer is not None:
-                outputs.append((generating.GENERATED_TEXT, np.array([piece.encode()], dtype=object), True))
+                outputs.append((generating.GENERATED_TEXT, np.array([generated.piece.encode()], dtype=object), True))
             response = encode_grpc_response(InferResponse(model.name, model.version, request.id, outputs),
                                             service_pb2)
             response.parameters["prompt"].int64_param = event.prompt

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .protocol import NotFound, PermissionDenied, Unauthenticated
+from .protocol import BadRequest, NotFound, PermissionDenied, Unauthenticated
 from .service import ModelService
 
 DEFAULT_MAX_BODY = 64 << 20  # Triton's default HTTP input cap
@@ -64,9 +64,14 @@ def check_restricted(headers: Mapping[str, str], restricted: tuple[str, str] | N
         raise PermissionDenied(f"the {name} header does not match")
 
 
-def find_service(services: Mapping[str, ModelService], name: str, version: str = "") -> ModelService:
-    """The service called ``name`` (and ``version``, when given), or a 404 listing what is served."""
+def find_service(services: Mapping[str, ModelService], name: str, version: str = "",
+                 unavailable: Mapping[str, str] | None = None) -> ModelService:
+    """The service called ``name`` (and ``version``, when given); a 400 with the reason for a model that failed
+    to load (``unavailable``: name -> reason, as Triton answers for a model it could not load); else a 404 listing
+    what is served."""
     service = services.get(name)
+    if service is None and unavailable and name in unavailable:
+        raise BadRequest(f"model {name!r} is unavailable: it failed to load ({unavailable[name]})")
     if service is None:
         raise NotFound(f"unknown model {name!r}; this server has {sorted(services)}")
     if version not in ("", service.version):
@@ -74,6 +79,11 @@ def find_service(services: Mapping[str, ModelService], name: str, version: str =
     return service
 
 
-def repository_index(services: Mapping[str, ModelService]) -> list[dict[str, str]]:
-    return [{"name": name, "version": service.version, "state": "READY" if service.ready else "LOADING"}
-            for name, service in sorted(services.items())]
+def repository_index(services: Mapping[str, ModelService],
+                     unavailable: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Triton's repository index: every model with its state (READY, LOADING, or UNAVAILABLE with the reason)."""
+    entries = {name: {"name": name, "version": service.version, "state": "READY" if service.ready else "LOADING"}
+               for name, service in services.items()}
+    for name, reason in (unavailable or {}).items():
+        entries[name] = {"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason}
+    return [entries[name] for name in sorted(entries)]

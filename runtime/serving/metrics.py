@@ -132,6 +132,13 @@ class Metrics:
         self.padding_waste.labels(*labels.values()).observe(1.0 - real_tokens / padded)
         self.tokens.labels(*labels.values()).inc(real_tokens)
 
+    def record_generation(self, model: ServedModel, sequences: int, passes: int) -> None:
+        """A generation's share of the counts: its prompts as inferences, its forward passes (prefill and cached
+        steps) as executions."""
+        labels = self._labels(model)
+        self._triton.add("nv_inference_count", labels, sequences)
+        self._triton.add("nv_inference_exec_count", labels, passes)
+
     def record_success(self, model: ServedModel, tokens: int, seconds: float, queue_us: float,
                        compute_us: float) -> None:
         labels = self._labels(model)

@@ -85,7 +85,8 @@ class ServedModel:
 
     @property
     def can_generate(self) -> bool:
-        """Whether the model answers with new tokens (``generating.py``): a causal LM on the torch backend."""
+        """Whether the model answers with new tokens (``generating.py``): a causal LM whose session decodes (a
+        checkpoint directory, on any backend: ``Session.can_decode``)."""
         session = self.session
         return session.can_decode and session.task == "lm" and session.config.is_decoder
 

@@ -43,6 +43,7 @@ from reformer_rt.models import InputError
 from ..artifacts import max_length_of
 from ..batching import bucket_length
 from ..outputs import SequenceJob
+from .generating import GenerationLimits
 from .host import DEFAULT_MAX_BODY, check_restricted, find_service, repository_index
 from .model import ParsedRequest, ServedModel
 from .protocol import BadRequest, PayloadTooLarge
@@ -69,6 +70,7 @@ class RayServeOptions:
     batch_wait_timeout_s: float = 0.002
     max_body_bytes: int = DEFAULT_MAX_BODY
     restricted_header: tuple[str, str] | None = None
+    generation: GenerationLimits = GenerationLimits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,7 @@ class ReformerReplica:
         self.services: dict[str, ModelService] = {}
         for spec in options.models:
             model = ServedModel(spec.name, spec.open(options.defaults))
-            self.services[spec.name] = ModelService(model, RayRunner(self, model))
+            self.services[spec.name] = ModelService(model, RayRunner(self, model), limits=options.generation)
         for service in self.services.values():
             await service.warm_up()
         self.replica = _replica_id()
@@ -125,8 +127,9 @@ class ReformerReplica:
         return find_service(self.services, name, version)
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": APP_NAME, "version": package_version(), "extensions": ["binary_tensor_data",
-                                                                               "model_repository"]}
+        generate = ["generate"] if any(s.model.can_generate for s in self.services.values()) else []
+        return {"name": APP_NAME, "version": package_version(),
+                "extensions": ["binary_tensor_data", "model_repository", *generate]}
 
     def repository_index(self) -> list[dict[str, str]]:
         return repository_index(self.services)
@@ -224,7 +227,7 @@ def deployment(options: RayServeOptions, **deployment_options: Any) -> Any:
 
 #: ``build_app`` arguments besides ``models``: the session defaults and the replica's own options.
 APP_ARGS = (*(f.name for f in dataclasses.fields(SessionDefaults)), "batch_wait_timeout_s", "max_body_bytes",
-            "restricted_header")
+            "restricted_header", "max_new_tokens")
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -240,6 +243,7 @@ def build_app(args: dict[str, Any]) -> Any:
     session = {k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(SessionDefaults)}}
     replica = {k: v for k, v in args.items() if k in ("batch_wait_timeout_s", "max_body_bytes")}
     restricted = args.get("restricted_header")
+    limits = GenerationLimits(args["max_new_tokens"]) if "max_new_tokens" in args else GenerationLimits()
     options = RayServeOptions(tuple(specs), SessionDefaults(**{"threads": 1, **session}), **replica,
-                              restricted_header=tuple(restricted) if restricted else None)
+                              restricted_header=tuple(restricted) if restricted else None, generation=limits)
     return deployment(options).bind(options)

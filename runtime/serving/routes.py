@@ -6,7 +6,7 @@ bytes in and out.
 | method | path                                               | answer                                       |
 |--------|----------------------------------------------------|----------------------------------------------|
 | GET    | /v2/health/live, /v2/health/ready                  | 200, or 503 (not ready / draining)           |
-| GET    | /v2                                                | server metadata                              |
+| GET    | /v2, /v2/                                          | server metadata                              |
 | GET    | /v2/models/NAME[/versions/V]                       | model metadata                               |
 | GET    | /v2/models/NAME[/versions/V]/ready                 | 200, or 503                                  |
 | GET    | /v2/models/NAME[/versions/V]/config                | Triton model config (JSON of its protobuf)   |
@@ -123,8 +123,8 @@ async def _generate_stream(host: Host, match: Match, headers: Mapping[str, str],
 
     async def rest() -> AsyncIterator[bytes]:
         try:
-            async for event, piece in events:
-                yield sse_event(service.model, event, piece)
+            async for generated in events:
+                yield sse_event(service.model, generated)
         except Exception as exc:  # the status line is gone: the error becomes the stream's last event
             status = error_status(exc)
             if status.internal:
@@ -133,7 +133,7 @@ async def _generate_stream(host: Host, match: Match, headers: Mapping[str, str],
         finally:
             await events.aclose()
 
-    return HttpReply(200, sse_event(service.model, *first), {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"},
+    return HttpReply(200, sse_event(service.model, first), {"Content-Type": SSE_TYPE, "Cache-Control": "no-cache"},
                      stream=rest())
 
 
@@ -153,7 +153,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Handler], ...] = tuple((method, re.com
                                                                    method, pattern, handler in (
     ("GET", r"/v2/health/live", _live),
     ("GET", r"/v2/health/ready", _ready),
-    ("GET", r"/v2", _server_metadata),
+    ("GET", r"/v2/?", _server_metadata),
     ("GET", r"/v2/models/stats", _stats),
     ("POST", r"/v2/repository/index", _repository_index),
     ("GET", _MODEL, _model_metadata),

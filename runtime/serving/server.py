@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from reformer_rt.export.metadata import package_version
 
+from .generating import GenerationLimits
 from .host import ListenerOptions, check_restricted, find_service, repository_index
 from .metrics import Metrics
 from .model import ServedModel
@@ -43,6 +44,7 @@ class ServerOptions:
     scheduler: SchedulerOptions = SchedulerOptions()
     restricted_header: tuple[str, str] | None = None  # (name, value) required beyond health checks
     drain_timeout_s: float = 300.0
+    generation: GenerationLimits = GenerationLimits()
 
 
 class Listener(Protocol):
@@ -56,14 +58,18 @@ ListenerStart = tuple[str, Callable[["InferenceServer"], Awaitable[Listener]]]
 
 
 class InferenceServer:
-    def __init__(self, models: list[ServedModel], options: ServerOptions) -> None:
+    def __init__(self, models: list[ServedModel], options: ServerOptions,
+                 unavailable: Mapping[str, str] | None = None) -> None:
+        """``unavailable``: models that failed to load (name -> reason): listed, answered with that reason."""
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ServingError(f"models: names {names} repeat; give each model its own NAME=PATH")
         self.options = options
+        self.unavailable = dict(unavailable or {})
         self.metrics = Metrics()
         self.schedulers = {m.name: Scheduler(m, options.scheduler, self.metrics) for m in models}
-        self.services = {m.name: ModelService(m, self.schedulers[m.name], self.metrics) for m in models}
+        self.services = {m.name: ModelService(m, self.schedulers[m.name], self.metrics, options.generation)
+                         for m in models}
         self.live = False
         self.ready = False
         self._listeners: list[Listener] = []
@@ -112,13 +118,14 @@ class InferenceServer:
         check_restricted(headers, self.options.restricted_header)
 
     def service(self, name: str, version: str = "") -> ModelService:
-        return find_service(self.services, name, version)
+        return find_service(self.services, name, version, self.unavailable)
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
+        generate = ["generate"] if any(s.model.can_generate for s in self.services.values()) else []
+        return {"name": SERVER_NAME, "version": package_version(), "extensions": [*EXTENSIONS, *generate]}
 
     def repository_index(self) -> list[dict[str, str]]:
-        return repository_index(self.services)
+        return repository_index(self.services, self.unavailable)
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         """Per-model counters in the shape of Triton's statistics extension (counts and cumulative ns)."""

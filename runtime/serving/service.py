@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from ..generation import TokenEvent
 from . import generating
 from .model import ParsedRequest, ServedModel
 from .protocol import InferRequest, InferResponse, Unavailable, error_status
@@ -78,11 +77,13 @@ class _Account:
     tokens: int = 0
     queue_us: float = 0.0
     compute_us: float = 0.0
+    generated: list[list[generating.Generated]] | None = None  # a generation's tokens, per prompt
 
 
 class ModelService:
-    def __init__(self, model: ServedModel, runner: Runner, metrics: Metrics | None = None) -> None:
-        self.model, self.runner, self.metrics = model, runner, metrics
+    def __init__(self, model: ServedModel, runner: Runner, metrics: Metrics | None = None,
+                 limits: generating.GenerationLimits = generating.GenerationLimits()) -> None:
+        self.model, self.runner, self.metrics, self.limits = model, runner, metrics, limits
         self.ready = False
 
     @property
@@ -121,11 +122,11 @@ class ModelService:
         self._check_ready()
         async with self._accounted() as account:
             request = decode()
-            generate = generating.parse_infer(self.model, request)
+            generate = generating.parse_infer(self.model, request, self.limits)
             if generate is not None:
-                tokens, _ = await generating.collect(self.model, generate, self.runner.iterate)
                 account.tokens = sum(len(p) for p in generate.prompts)
-                return generating.infer_response(self.model, request, generate, tokens)
+                account.generated = await generating.collect(self.model, generate, self.runner.iterate)
+                return generating.infer_response(self.model, request, generate, account.generated)
             parsed = self.model.parse(request)
             done = await self.runner.forward(parsed)
             account.tokens, account.queue_us, account.compute_us = parsed.tokens, done.queue_us, done.compute_us
@@ -135,23 +136,28 @@ class ModelService:
         """The generate extension, whole answer (``generating.py``)."""
         self._check_ready()
         async with self._accounted() as account:
-            request = generating.parse_json(self.model, body)
+            request = generating.parse_json(self.model, body, self.limits)
             account.tokens = sum(len(p) for p in request.prompts)
-            tokens, reasons = await generating.collect(self.model, request, self.runner.iterate)
-            return generating.json_answer(self.model, request, tokens, reasons)
+            account.generated = await generating.collect(self.model, request, self.runner.iterate)
+            return generating.json_answer(self.model, request, account.generated)
 
-    async def generate_stream(self, request: generating.GenerateRequest | bytes
-                              ) -> AsyncIterator[tuple[TokenEvent, str]]:
-        """Each new token and its text piece as it is chosen: the generate extension's stream (``bytes``: its JSON
-        body) or a gRPC stream (a parsed request)."""
+    def parse_generation(self, request: InferRequest) -> generating.GenerateRequest | None:
+        """A v2 infer request that asks for generated outputs, checked against this host's limits (None: it asks
+        for none)."""
+        return generating.parse_infer(self.model, request, self.limits)
+
+    async def generate_stream(self, request: generating.GenerateRequest | bytes) -> AsyncIterator[generating.Generated]:
+        """Each new token and its text as it is chosen: the generate extension's stream (``bytes``: its JSON body)
+        or a gRPC stream (a request from ``parse_generation``)."""
         self._check_ready()
         async with self._accounted() as account:
             if isinstance(request, bytes):
-                request = generating.parse_json(self.model, request)
+                request = generating.parse_json(self.model, request, self.limits)
             account.tokens = sum(len(p) for p in request.prompts)
-            text = generating.TextDelta(self.model, len(request.prompts))
-            async for event in generating.stream(self.model, request, self.runner.iterate):
-                yield event, text.add(event)
+            account.generated = [[] for _ in request.prompts]
+            async for generated in generating.stream(self.model, request, self.runner.iterate):
+                account.generated[generated.event.prompt].append(generated)
+                yield generated
 
     def _check_ready(self) -> None:
         if not self.ready:
@@ -174,5 +180,8 @@ class ModelService:
             reason = "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if status.internal else "OTHER"
             self.metrics.record_failure(self.model, reason)
             raise
+        if account.generated is not None:  # one forward pass per step: the longest prompt's new tokens
+            self.metrics.record_generation(self.model, len(account.generated),
+                                           max((len(tokens) for tokens in account.generated), default=0))
         self.metrics.record_success(self.model, account.tokens, time.monotonic() - account.started,
                                     account.queue_us, account.compute_us)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from reformer_rt.models import InputError
 
-from ..artifacts import DEFAULT_MAX_TOKENS
+from ..batching import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -57,8 +57,10 @@ class ModelSpec:
         """A config file's entry: a path, or an object with ``path`` and optionally ``backend``, ``device``,
         ``dtype``; ``where`` names the file or option in errors."""
         entry = {"path": value} if isinstance(value, str) else value
-        valid = isinstance(entry, dict) and isinstance(entry.get("path"), str) and not set(entry) - {"path", *SPEC_FIELDS}
-        if not valid or any(entry.get(field) is not None and not isinstance(entry[field], str) for field in SPEC_FIELDS):
+        valid = isinstance(entry, dict) and isinstance(entry.get("path"), str) \
+            and not set(entry) - {"path", *SPEC_FIELDS} \
+            and all(entry.get(field) is None or isinstance(entry[field], str) for field in SPEC_FIELDS)
+        if not valid:
             raise InputError(f"{where}: model {name!r}: got {value!r}; expected a path or an object with 'path' (and "
                              f"optionally {', '.join(repr(f) for f in SPEC_FIELDS)}, each a string)")
         return cls(name, entry["path"], *(entry.get(field) for field in SPEC_FIELDS))
