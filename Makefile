@@ -32,9 +32,11 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
-# The input-contract fuzzing of the tests, longer than CI's 40 examples per test.
+# The fuzzing of the tests (input contract, and the server against the Open Inference Protocol documents), longer
+# than the suite's 40 / 25 examples per test.
 fuzz: $(VENV)/.test
-	REFORMER_RT_FUZZ_EXAMPLES=$${REFORMER_RT_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py -p no:logging
+	REFORMER_RT_FUZZ_EXAMPLES=$${REFORMER_RT_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:logging \
+		tests/test_fuzz_inputs.py tests/runtime/serving/test_protocol_fuzz.py
 
 # STEPS=session,bench reruns a subset; exit 2 (at once) where there is no CUDA GPU.
 gpu-check:

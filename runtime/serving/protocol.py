@@ -214,6 +214,8 @@ def _json_tensor(entry: Any, dtype: np.dtype, shape: tuple[int, ...], name: str)
     data = entry.get("data")
     if data is None:
         raise BadRequest(f"input {name!r}: no 'data' and no binary_data_size parameter")
+    if not isinstance(data, list):  # the protocol's tensor_data is always an array (nested or flat)
+        raise BadRequest(f"input {name!r}: 'data' is {json.dumps(data)[:40]}; expected a list of values")
     try:
         if dtype == object:
             flat = np.array([d.encode() if isinstance(d, str) else d for d in np.asarray(data, dtype=object)
