@@ -14,7 +14,9 @@ Steps (CPU only; needs the package index once):
    ignores ``PYTHONPATH``: the environment's ``bin`` goes first on ``PATH`` and that interpreter's ``libpython``
    first on ``LD_LIBRARY_PATH``.
 4. The same requests to both, with tritonclient over HTTP (binary tensors) and gRPC: a ragged batch with every
-   output, a text request, and bad requests; outputs must agree within 1e-5 and errors must have the same status.
+   output, a text request, a request naming no output, generated ids and text, pooled embeddings, and bad requests
+   (an id out of range, an unknown output, a bad parameter, a generation longer than the positions left); outputs
+   must agree within 1e-5 (text exactly) and errors must have the same status.
 
 Writes ``triton_check.json`` and ``tritonserver.log`` to ``--out``; exit 0 when everything agreed.
 """
@@ -128,6 +130,15 @@ def _cases(vocab: int) -> list[dict[str, Any]]:
          "outputs": ("last_logits",), "parameters": {}},
         {"what": "unknown output", "inputs": {"input_ids": seqs[0][None]}, "outputs": ("probabilities",),
          "parameters": {}},
+        {"what": "generated ids and text", "inputs": {"text": text}, "outputs": ("generated_ids", "generated_text",
+                                                                                "lengths"),
+         "parameters": {"max_new_tokens": 8}},
+        {"what": "embedding, last pooling", "inputs": {"input_ids": ids, "attention_mask": mask},
+         "outputs": ("embedding",), "parameters": {"pooling": "last"}},
+        {"what": "bad parameter", "inputs": {"input_ids": seqs[0][None]}, "outputs": ("top_k_ids",),
+         "parameters": {"top_k": 0}},
+        {"what": "generation over the positions left", "inputs": {"input_ids": seqs[2][None]},
+         "outputs": ("generated_ids",), "parameters": {"max_new_tokens": 10**6}},
     ]
 
 
@@ -165,6 +176,10 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
         other = theirs.get(name)
         if other is None or other.shape != array.shape:
             return f"{name}: shape {array.shape} vs Triton {None if other is None else other.shape}"
+        if array.dtype == object:  # BYTES
+            if array.tolist() != other.tolist():
+                return f"{name}: {array.tolist()!r} vs Triton {other.tolist()!r}"
+            continue
         diff = float(np.abs(array.astype(np.float64) - other.astype(np.float64)).max(initial=0.0))
         if diff > TOL:
             return f"{name}: max abs diff {diff:.3g} > {TOL}"

@@ -85,6 +85,7 @@ class TritonPythonModel:
         model = ServedModel(spec.name, spec.open(), tokenizer_dir=artifact if artifact.is_dir() else None)
         self.runner = GatherRunner(model)
         self.service = ModelService(model, self.runner)
+        self.config_outputs = {output["name"] for output in config.get("output", [])}
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.service.warm_up())
 
@@ -115,7 +116,9 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
-        outputs = {name: True for name in request.requested_output_names()} or None
+        named = list(request.requested_output_names())
+        # Triton hands a request that names no output every output of the config: that is "the model's default"
+        outputs = None if not named or set(named) == self.config_outputs else {name: True for name in named}
         parameters = json.loads(request.parameters() or "{}")
         return InferRequest(self.service.name, self.service.version, request.request_id(), inputs, outputs,
                             parameters, True)
