@@ -56,8 +56,10 @@ log = logging.getLogger("reformer_rt.serve")
 T = TypeVar("T")
 DEPLOYMENT = "ReformerDeployment"
 APP_NAME = "reformer-rt"
-#: Response header naming the replica that answered (which replica served what, in logs and tests).
+#: Response headers naming the replica that answered and the Ray node it runs on (which replica and node served
+#: what, in logs and placement checks).
 REPLICA_HEADER = "X-Reformer-Replica"
+NODE_HEADER = "X-Reformer-Node"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ class ReformerReplica:
             self.services[spec.name] = ModelService(model, RayRunner(self, model))
         for service in self.services.values():
             await service.warm_up()
-        self.replica = _replica_id()
+        self.replica, self.node = _replica_id(), _node_id()
         self.live = self.ready = True
 
     # ---------------------------------------------------------------------------------------- the v2 host
@@ -151,7 +153,7 @@ class ReformerReplica:
             return bytes(body)
 
         reply = await handle(self, request.method, request.url.path, request.headers, read_body)
-        headers = {**reply.headers, REPLICA_HEADER: self.replica}
+        headers = {**reply.headers, REPLICA_HEADER: self.replica, NODE_HEADER: self.node}
         if reply.stream is not None:
             return StreamingResponse(_chunks(reply.body, reply.stream), status_code=reply.status, headers=headers)
         return Response(reply.body, status_code=reply.status, headers=headers)
@@ -193,6 +195,15 @@ def _replica_id() -> str:
 
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Ray Serve replica (a plain instance in tests or tools)
+        return "local"
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray is not connected (a plain instance in tests or tools)
         return "local"
 
 
