@@ -19,10 +19,16 @@ Each model is a ``ModelService`` (``service.py``: infer, generate, streams, meta
 ``RayRunner``, hands sequences to ``@serve.batch`` and runs generations on the replica's worker (not through
 ``@serve.batch``); the replica itself keeps only lifecycle, access control and the Starlette listener.
 
+Several nodes: ``max_replicas_per_node`` (a deployment option; ``serve --ray --max-replicas-per-node``) spreads
+replicas; every reply names its replica and Ray node (``X-Reformer-Replica``, ``X-Reformer-Node``). A request whose
+replica is lost with its node before answering gets a 500 from Ray Serve's proxy, without ``X-Reformer-Replica``
+(Ray Serve 2.x maps an actor's death to 500 and has no hook to change it), or a closed connection where the proxy
+went too: both are safe to retry, and README "Scaling out" says so to clients.
+
 Known limits: HTTP only (no gRPC listener, no Triton-named Prometheus metrics: Ray Serve exposes its own);
 ``priority`` and ``timeout`` request parameters are accepted and not applied (Ray's queue has neither); the
-statistics endpoint answers 400 (counts would be one replica's). Multi-node clusters and GPU replicas have not
-been run by this project's tests.
+statistics endpoint answers 400 (counts would be one replica's). Multi-node runs in this project's tests are two
+nodes on one machine (``tests/runtime/test_ray_cluster.py``); GPU replicas have not been run.
 """
 
 from __future__ import annotations
