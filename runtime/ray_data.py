@@ -15,8 +15,9 @@ each batch with ``Session.embed``, which splits it by bucket again and keeps the
 embedding equals ``Session.embed`` of that document alone. Output rows keep every input column but the text and
 add ``tokens`` and ``embedding`` (float32 list; ``pooling`` mean or last). Rows come out in bucket order.
 
-Known limits: multi-node clusters and GPU actors have not been run by this project's tests; a document longer
-than the model's maximum length fails the job with the Session's error (split documents first).
+Known limits: GPU actors have not been run by this project's tests, and several nodes only as two on one machine
+(actors on both, ``tests/runtime/test_ray_cluster.py``); a document longer than the model's maximum length fails
+the job with the Session's error (split documents first).
 """
 
 from __future__ import annotations

@@ -83,10 +83,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     scale = ray.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
-    ray.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS if set, else start a local one)")
     ray.add_argument("--max-ongoing-requests", type=int, help="requests a replica works on at once (Ray default)")
     ray.add_argument("--max-queued-requests", type=int, help="requests queued per caller before 503 (Ray default: "
                      "unlimited)")
+    ray.add_argument("--max-replicas-per-node", type=int, help="at most N replicas on one node; 1 puts every replica "
+                     "on its own node, so losing a node loses one replica (Ray default: no limit)")
     p.set_defaults(func=run)
 
 
@@ -243,7 +245,7 @@ def listeners(options: Any) -> list[Any]:
 
 def _scaling(args: Any) -> dict[str, Any]:
     """Deployment options from ``--replicas`` / ``--autoscale`` / ``--max-ongoing-requests`` /
-    ``--max-queued-requests``."""
+    ``--max-queued-requests`` / ``--max-replicas-per-node``."""
     out: dict[str, Any] = {}
     if args.autoscale:
         low, sep, high = args.autoscale.partition(":")
@@ -255,7 +257,7 @@ def _scaling(args: Any) -> dict[str, Any]:
         if replicas < 1:
             raise InputError(f"--replicas: got {replicas}; expected >= 1")
         out["num_replicas"] = replicas
-    for name in ("max_ongoing_requests", "max_queued_requests"):
+    for name in ("max_ongoing_requests", "max_queued_requests", "max_replicas_per_node"):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
@@ -273,8 +275,8 @@ def _free_port(host: str) -> int:
 
 
 def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
-    """``reformer-rt serve --ray``: deploy on a local Ray cluster (or join ``--address``), serve until SIGTERM or
-    SIGINT, then remove the application (and stop the cluster this command started)."""
+    """``reformer-rt serve --ray``: deploy on a local Ray cluster (or join ``--address`` / ``$RAY_ADDRESS``), serve
+    until SIGTERM or SIGINT, then remove the application (and stop the cluster this command started)."""
     import signal
     import threading
 
@@ -297,10 +299,13 @@ def serve_on_ray(args: Any, config: dict[str, Any]) -> int:
                               generation_limits(config))
     scaling = _scaling(args)
     port = config["http_port"] or _free_port(config["host"])
-    started = not ray.is_initialized() and args.address is None
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-    log.info("reformer-rt serve: Ray %s cluster %s, %s", ray.__version__, args.address or "local (started here)",
-             ", ".join(f"{k}={v}" for k, v in scaling.items()))
+    # Never the address a past `ray start` left in /tmp/ray, which ray.init(address=None) would join: this command
+    # would then take that cluster for its own and shut its Serve down on exit.
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    started = address == "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    log.info("reformer-rt serve: Ray %s cluster %s, %s", ray.__version__,
+             "local (started here)" if started else address, ", ".join(f"{k}={v}" for k, v in scaling.items()))
     serve.start(http_options={"host": config["host"], "port": port})
     serve.run(deployment(options, **scaling).bind(options), name=APP_NAME, route_prefix="/")
     log.info("reformer-rt serve: HTTP/REST (KServe v2, Ray Serve) on http://%s:%d", config["host"], port)

@@ -19,10 +19,16 @@ Each model is a ``ModelService`` (``service.py``: infer, generate, streams, meta
 ``RayRunner``, hands sequences to ``@serve.batch`` and runs generations on the replica's worker (not through
 ``@serve.batch``); the replica itself keeps only lifecycle, access control and the Starlette listener.
 
+Several nodes: ``max_replicas_per_node`` (a deployment option; ``serve --ray --max-replicas-per-node``) spreads
+replicas; every reply names its replica and Ray node (``X-Reformer-Replica``, ``X-Reformer-Node``). A request whose
+replica is lost with its node before answering gets a 500 from Ray Serve's proxy, without ``X-Reformer-Replica``
+(Ray Serve 2.x maps an actor's death to 500 and has no hook to change it), or a closed connection where the proxy
+went too: both are safe to retry, and README "Scaling out" says so to clients.
+
 Known limits: HTTP only (no gRPC listener, no Triton-named Prometheus metrics: Ray Serve exposes its own);
 ``priority`` and ``timeout`` request parameters are accepted and not applied (Ray's queue has neither); the
-statistics endpoint answers 400 (counts would be one replica's). Multi-node clusters and GPU replicas have not
-been run by this project's tests.
+statistics endpoint answers 400 (counts would be one replica's). Multi-node runs in this project's tests are two
+nodes on one machine (``tests/runtime/test_ray_cluster.py``); GPU replicas have not been run.
 """
 
 from __future__ import annotations
@@ -57,8 +63,10 @@ log = logging.getLogger("reformer_rt.serve")
 T = TypeVar("T")
 DEPLOYMENT = "ReformerDeployment"
 APP_NAME = "reformer-rt"
-#: Response header naming the replica that answered (which replica served what, in logs and tests).
+#: Response headers naming the replica that answered and the Ray node it runs on (which replica and node served
+#: what, in logs and placement checks).
 REPLICA_HEADER = "X-Reformer-Replica"
+NODE_HEADER = "X-Reformer-Node"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +124,7 @@ class ReformerReplica:
             self.services[spec.name] = ModelService(model, RayRunner(self, model), limits=options.generation)
         for service in self.services.values():
             await service.warm_up()
-        self.replica = _replica_id()
+        self.replica, self.node = _replica_id(), _node_id()
         self.live = self.ready = True
 
     # ---------------------------------------------------------------------------------------- the v2 host
@@ -154,7 +162,7 @@ class ReformerReplica:
             return bytes(body)
 
         reply = await handle(self, request.method, request.url.path, request.headers, read_body)
-        headers = {**reply.headers, REPLICA_HEADER: self.replica}
+        headers = {**reply.headers, REPLICA_HEADER: self.replica, NODE_HEADER: self.node}
         if reply.stream is not None:
             return StreamingResponse(_chunks(reply.body, reply.stream), status_code=reply.status, headers=headers)
         return Response(reply.body, status_code=reply.status, headers=headers)
@@ -196,6 +204,15 @@ def _replica_id() -> str:
 
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Ray Serve replica (a plain instance in tests or tools)
+        return "local"
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray is not connected (a plain instance in tests or tools)
         return "local"
 
 

@@ -1,8 +1,8 @@
-"""Scale-out on Ray (marked ``ray``; one local 2-CPU cluster for the module): a 2-replica Ray Serve deployment
-answers tritonclient over the same KServe v2 endpoints as ``reformer-rt serve``, each result equal to
-``Session.run``, spread over both replicas; a replica killed during load is replaced and no request is silently
-lost; ``reformer-rt serve --ray`` deploys and drains; Ray Data embeds a folder of documents exactly as
-``Session.embed`` does."""
+"""Scale-out on Ray (marked ``ray``; one local 2-CPU cluster for the module, of its own and on loopback:
+``ray_harness.hermetic_ray``): a 2-replica Ray Serve deployment answers tritonclient over the same KServe v2
+endpoints as ``reformer-rt serve``, each result equal to ``Session.run``, spread over both replicas; a replica killed
+during load is replaced and no request is silently lost; ``reformer-rt serve --ray`` deploys and drains; Ray Data
+embeds a folder of documents exactly as ``Session.embed`` does."""
 
 from __future__ import annotations
 
@@ -10,22 +10,19 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[test]')")
 
-from reformer_rt.models import ReformerConfig, ReformerLM  # noqa: E402
+from ray_harness import (  # noqa: E402
+    call, free_port, hermetic_ray, last_logits, raw_request, start_serve_on_ray, tiny_checkpoint, wait_until,
+)
+
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import GenerationOptions, Session  # noqa: E402
 from reformer_rt.runtime.serving.ray_serve import (  # noqa: E402
@@ -35,44 +32,29 @@ from reformer_rt.runtime.serving.spec import ModelSpec, SessionDefaults  # noqa:
 
 pytestmark = pytest.mark.ray
 
-CONFIG = ReformerConfig(
-    vocab_size=258, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
-    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(32, 64), axial_pos_embds_dim=(8, 24),
-    max_position_embeddings=2048, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
-    num_buckets=(4, 8), hash_seed=5, is_decoder=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    model = ReformerLM(CONFIG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    directory = tmp_path_factory.mktemp("ray") / "tiny"
-    model.save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
+    return tiny_checkpoint(tmp_path_factory.mktemp("ray") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield context
-    serve.shutdown()
-    ray.shutdown()
+    # "local": a cluster of our own even where RAY_ADDRESS or the address file of a past `ray start` names another,
+    # which a bare ray.init() would join.
+    with hermetic_ray():
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield context
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def app(cluster, checkpoint):
     """Two CPU replicas of half a CPU each (the rest of the cluster stays free for Ray Data)."""
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     options = RayServeOptions((ModelSpec("tiny", str(checkpoint)),), SessionDefaults("torch", "cpu", threads=1),
                               batch_wait_timeout_s=0.005)
@@ -94,22 +76,6 @@ def _request(url: str, seq: np.ndarray) -> np.ndarray:
     return np.concatenate([result.as_numpy("last_logits")[0], result.as_numpy("embedding")[0]])
 
 
-def _raw_request(url: str, seq: np.ndarray) -> tuple[int, Any, bytes]:
-    """Plain HTTP/JSON: (status, headers -- case-insensitive --, body)."""
-    import http.client
-
-    host, port = url.split(":")
-    body = json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, len(seq)],
-                                   "data": seq.tolist()}], "outputs": [{"name": "last_logits"}]})
-    connection = http.client.HTTPConnection(host, int(port), timeout=120)
-    try:
-        connection.request("POST", "/v2/models/tiny/infer", body=body)
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
-
-
 def _expected(session: Session, seq: np.ndarray) -> np.ndarray:
     result = session.run([seq], outputs=["last_logits", "embedding"])
     return np.concatenate([result.rows["last_logits"][0], result.rows["embedding"][0]])
@@ -124,7 +90,7 @@ def test_two_replicas_answer_concurrent_ragged_requests_each_as_alone(app, check
     seqs = [rng.integers(0, 258, int(rng.integers(10, 400)), dtype=np.int64) for _ in range(24)]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda s: _request(app, s), seqs))
-        replicas = {headers.get(REPLICA_HEADER) for _, headers, _ in pool.map(lambda s: _raw_request(app, s), seqs)}
+        replicas = {headers.get(REPLICA_HEADER) for _, headers, _ in pool.map(lambda s: raw_request(app, s), seqs)}
     for seq, got in zip(seqs, answers):
         assert np.abs(got - _expected(session, seq)).max() <= 1e-5
     assert len(replicas) == 2, f"requests reached replicas {replicas}"
@@ -178,34 +144,26 @@ def test_a_replica_killed_during_load_is_replaced_and_no_request_is_lost(app, ch
     before = _replica_actors()
     assert len(before) == 2
 
-    def call(seq: np.ndarray) -> tuple[int, bytes]:
-        try:
-            status, _, body = _raw_request(app, seq)
-            return status, body
-        except OSError as exc:  # the connection itself failed: the client sees it and can retry
-            return -1, str(exc).encode()
-
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(call, seq) for seq in seqs]
+        futures = [pool.submit(call, app, seq) for seq in seqs]
         futures[3].result()
         ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
         outcomes = [f.result(timeout=180) for f in futures]  # every request answers: none hangs
-    for seq, (status, body) in zip(seqs, outcomes):
+    for seq, (status, _, body) in zip(seqs, outcomes):
         if status == 200:
-            data = np.array(json.loads(body)["outputs"][0]["data"], dtype=np.float32)
-            assert np.abs(data - session.run([seq], outputs=["last_logits"]).rows["last_logits"][0]).max() <= 1e-5
+            expected = session.run([seq], outputs=["last_logits"]).rows["last_logits"][0]
+            assert np.abs(last_logits(body) - expected).max() <= 1e-5
         else:
-            assert status == -1 or status >= 500, (status, body[:200])  # an error the client can retry
+            assert status == 0 or status >= 500, (status, body[:200])  # a lost connection or an error: retried
+
     def replaced() -> bool:
         actors = _replica_actors()
         return len(actors) == 2 and before[0] not in actors and _running_replicas() == 2
 
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not replaced():
-        time.sleep(0.5)
+    wait_until(replaced, timeout=90)
     after = _replica_actors()
     assert len(after) == 2 and before[0] not in after, after
-    assert all(_raw_request(app, seq)[0] == 200 for seq in seqs[:6])
+    assert all(raw_request(app, seq)[0] == 200 for seq in seqs[:6])
 
 
 def test_ray_data_embeds_a_folder_of_documents_like_session_embed(cluster, checkpoint, tmp_path) -> None:
@@ -237,19 +195,13 @@ def test_serve_command_deploys_on_ray_and_drains(cluster, app, checkpoint) -> No
     application on SIGTERM."""
     serve.delete(APP_NAME)
     serve.shutdown()
-    port = _free_port()
-    command = [sys.executable, "-m", "reformer_rt.runtime.commands.cli", "serve", "--ray", "--address",
-               cluster.address_info["address"], "--replicas", "1", "--backend", "torch", "--device", "cpu",
-               "--http-port", str(port), f"tiny={checkpoint}"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    lines = []
+    port = free_port()
+    process, lines = start_serve_on_ray("--address", cluster.address_info["address"], "--replicas", "1", "--backend",
+                                        "torch", "--device", "cpu", "--http-port", str(port), f"tiny={checkpoint}",
+                                        env={**os.environ})
     try:
-        for line in process.stderr:
-            lines.append(line)
-            if line.startswith("reformer-rt serve: ready"):
-                break
         assert process.poll() is None, "".join(lines)
-        status, headers, body = _raw_request(f"127.0.0.1:{port}", np.arange(40, dtype=np.int64))
+        status, headers, body = raw_request(f"127.0.0.1:{port}", np.arange(40, dtype=np.int64))
         assert status == 200 and headers.get(REPLICA_HEADER)
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0

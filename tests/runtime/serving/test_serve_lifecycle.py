@@ -199,6 +199,7 @@ def _serve_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["a=/no/such", "a=/no/such"], "given twice"),
     (["--ray", "--tls-cert", "c", "--tls-key", "k"], "terminate TLS in front"),
     (["--ray", "--autoscale", "3:1"], "expected MIN:MAX"),
+    (["--ray", "--max-replicas-per-node", "0"], "--max-replicas-per-node: got 0; expected >= 1"),
     (["--ray", "--no-batching"], "not supported"),
 ])
 def test_startup_mistakes_exit_2_with_one_line(tmp_path, args, words) -> None:
