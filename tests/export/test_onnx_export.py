@@ -20,6 +20,7 @@ from reformer_rt.export import ExportError, ValidationError, export_onnx, read_m
 from reformer_rt.export import validate as validation
 from reformer_rt.models import OP_VERSION, ReformerLM, ReformerModel
 from reformer_rt.models.lsh import ATTRIBUTES, ONNX_DOMAIN, OP_NAME, PLUGIN_ATTRIBUTES
+from reformer_rt.models.presets import random_model
 from reformer_rt.runtime.commands import cli
 
 transformers = pytest.importorskip("transformers")
@@ -53,11 +54,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @functools.cache
 def _checkpoint(root: Path, name: str) -> Path:
-    torch.manual_seed(sum(map(ord, name)))
     config = transformers.ReformerConfig(**ARCHITECTURES[name])
     cls = transformers.ReformerModel if name == "encoder" else transformers.ReformerModelWithLMHead
     path = root / f"hf_{name}"
-    cls(config).eval().save_pretrained(path)
+    random_model(config, cls, seed=sum(map(ord, name)), scale=0).save_pretrained(path)
     return path
 
 

@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from tiny_artifacts import tiny_export
+from helpers.artifacts import BYTE_LM, Artifacts, TinyModel
 
-from reformer_rt.models import ConfigError, InputError, ReformerConfig, ReformerLM
+from reformer_rt.models import ConfigError, InputError, ReformerConfig
+from reformer_rt.models.presets import demo_model_dir, random_model
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.errors import BackendUnavailable
@@ -27,18 +27,13 @@ CONFIG = ReformerConfig(
     num_buckets=(4, 4), hash_seed=1, is_decoder=True)
 LENGTHS = [70, 5, 16, 33]  # padded prompts, one shorter than a chunk, one exactly a chunk (and prompt 0 again)
 SAMPLING = dict(strategy="sample", temperature=0.9, top_k=12, top_p=0.9)
+#: The model every generation test decodes with: ``CONFIG``, every parameter perturbed by 0.3.
+GENERATOR = TinyModel("generate-lm", CONFIG, scale=0.3)
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Session:
-    torch.manual_seed(0)
-    model = ReformerLM(CONFIG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    directory = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save_pretrained(directory)
-    return Session(directory, backend="torch", device="cpu")
+def session(artifacts: Artifacts) -> Session:
+    return Session(artifacts.checkpoint(GENERATOR), backend="torch", device="cpu")
 
 
 def _prompts() -> list[list[int]]:
@@ -121,12 +116,11 @@ def test_bad_arguments_raise_input_errors(session: Session, kwargs: dict, words:
         session.generate([[1, 2, 3], list(range(30))], **kwargs)
 
 
-def test_other_backends_and_encoders_refuse_with_a_reason(tmp_path_factory, tmp_path) -> None:
-    onnx_path = tiny_export(tmp_path_factory.getbasetemp())  # the session's shared tiny export
+def test_other_backends_and_encoders_refuse_with_a_reason(artifacts: Artifacts, tmp_path) -> None:
     with pytest.raises(BackendUnavailable, match="torch backend"):
-        Session(onnx_path, backend="onnxruntime").generate([[1, 2, 3]], 4)
+        Session(artifacts.export(BYTE_LM), backend="onnxruntime").generate([[1, 2, 3]], 4)
     encoder = tmp_path / "encoder"
-    ReformerLM(ReformerConfig.from_dict({**CONFIG.to_dict(), "is_decoder": False})).save_pretrained(encoder)
+    random_model(ReformerConfig.from_dict({**CONFIG.to_dict(), "is_decoder": False})).save_pretrained(encoder)
     with pytest.raises(ConfigError, match="is_decoder"):
         Session(encoder, backend="torch").generate([[1, 2, 3]], 4)
 
@@ -160,8 +154,6 @@ def test_cli_streams_ids_as_json_lines(session: Session, tmp_path) -> None:
 
 
 def test_cli_continues_text_and_reports_errors_in_one_line(tmp_path) -> None:
-    from reformer_rt.models.presets import demo_model_dir
-
     done = _cli("generate", str(demo_model_dir()), "--prompt", "def ", "--max-new-tokens", "12", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("def ") and len(done.stdout.encode()) >= len("def ") + 1
@@ -189,8 +181,7 @@ def test_bench_generate_refuses_a_prompt_longer_than_the_model(session: Session,
     assert not (tmp_path / "o" / "generate.json").exists()
 
 
-def test_cli_refuses_an_exported_file_naming_the_checkpoint(tmp_path_factory) -> None:
-    onnx_path = tiny_export(tmp_path_factory.getbasetemp())
-    done = _cli("generate", str(onnx_path), "--prompt", "x")
+def test_cli_refuses_an_exported_file_naming_the_checkpoint(artifacts: Artifacts) -> None:
+    done = _cli("generate", str(artifacts.export(BYTE_LM)), "--prompt", "x")
     assert done.returncode == 2 and "expected a checkpoint directory" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

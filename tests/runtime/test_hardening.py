@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_artifacts import tiny_checkpoint, tiny_export
+from helpers.artifacts import BYTE_LM, Artifacts
 
 from reformer_rt.models import InputError
 from reformer_rt.models.errors import Interrupted
@@ -32,9 +32,8 @@ from reformer_rt.runtime.commands import cli
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.getbasetemp()
-    return tiny_checkpoint(root), tiny_export(root)
+def tiny(artifacts: Artifacts) -> tuple[Path, Path]:
+    return artifacts.checkpoint(BYTE_LM), artifacts.export(BYTE_LM)
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[test]')")
 
-from reformer_rt.models import ReformerConfig, ReformerLM  # noqa: E402
+from helpers.artifacts import Artifacts  # noqa: E402
+from helpers.serving import SERVED_LM  # noqa: E402
+
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
 from reformer_rt.runtime.serving.ray_serve import (  # noqa: E402
@@ -35,12 +36,6 @@ from reformer_rt.runtime.serving.spec import ModelSpec, SessionDefaults  # noqa:
 
 pytestmark = pytest.mark.ray
 
-CONFIG = ReformerConfig(
-    vocab_size=258, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
-    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(32, 64), axial_pos_embds_dim=(8, 24),
-    max_position_embeddings=2048, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
-    num_buckets=(4, 8), hash_seed=5, is_decoder=True)
-
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -49,16 +44,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    model = ReformerLM(CONFIG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    directory = tmp_path_factory.mktemp("ray") / "tiny"
-    model.save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
+def checkpoint(artifacts: Artifacts) -> Path:
+    """The served tiny LM of the server tests (byte vocabulary and tokenizer, up to 2048 tokens)."""
+    return artifacts.checkpoint(SERVED_LM)
 
 
 @pytest.fixture(scope="module")

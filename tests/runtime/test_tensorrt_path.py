@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers.artifacts import DOCTOR, Artifacts
 
-from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.presets import random_model
@@ -66,11 +66,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_onnx(artifacts: Artifacts) -> Path:
     """The doctor's tiny random LM, exported in plugin form (max length 64, chunk 8, 2 hash rounds)."""
-    path = tmp_path_factory.mktemp("trt") / "tiny.onnx"
-    export_onnx(random_model(), path, attention="plugin", validate=False, log=None)
-    return path
+    return artifacts.export(DOCTOR, "plugin")
 
 
 # ------------------------------------------------------------------------------------------------- profiles
@@ -357,7 +355,7 @@ def test_build_cache_run_and_compare(tiny_onnx: Path, tmp_path: Path) -> None:
     third = engine_for(tiny_onnx, options, cache, log=lambda _: None)
     assert not third.cache_hit and verify_record(third.engine, third.record) is None
     backend = TensorRTBackend(third.engine, third.record, "cuda")
-    model = random_model()
+    model = DOCTOR.build()
     generator = torch.Generator().manual_seed(1)
     for batch, length, ragged in ((1, 1, False), (2, 29, True), (5, 64, True)):  # 5 rows > profile max: sliced
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
@@ -383,7 +381,7 @@ def test_build_command_engine_opens_alone_in_a_session(tiny_onnx: Path, tmp_path
     assert session.backend == "tensorrt" and session.output_name == "logits"
     sequences = [[1, 2, 3], [(7 * i) % 32 for i in range(30)]]
     out = session.run(sequences)["logits"]
-    model = random_model()
+    model = DOCTOR.build()
     for row, sequence in enumerate(sequences):
         with torch.no_grad():
             expected = model(torch.tensor([sequence])).numpy()[0]

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serve_harness import TINY, ServerProcess, wait_until
+from helpers.serving import SERVED_LM, ServerProcess, wait_until
 from tritonclient.utils import InferenceServerException
 
 from reformer_rt.runtime import Session
 
+CONFIG = SERVED_LM.config
 LONG = 2048  # the tiny model's longest input: tens of milliseconds per forward pass on the CPU
 
 
@@ -59,7 +60,7 @@ def test_sigterm_during_load_drains_every_accepted_request(tiny_checkpoint) -> N
     get 503 (the client retries elsewhere); none is dropped, and the process exits 0."""
     reference = Session(tiny_checkpoint, backend="torch", device="cpu")
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, TINY.vocab_size, LONG - int(rng.integers(0, 64))) for _ in range(16)]
+    seqs = [rng.integers(0, CONFIG.vocab_size, LONG - int(rng.integers(0, 64))) for _ in range(16)]
     with ServerProcess(f"tiny={tiny_checkpoint}", "--backend", "torch", "--device", "cpu", "--no-batching") as server:
         port = server.ports["http"]
         with concurrent.futures.ThreadPoolExecutor(len(seqs)) as pool:
@@ -93,7 +94,7 @@ def patient_server(tiny_checkpoint):
 
 
 def test_full_queue_answers_503_with_retry_after(patient_server) -> None:
-    seq = np.arange(40) % TINY.vocab_size
+    seq = np.arange(40) % CONFIG.vocab_size
     port = patient_server.ports["http"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(_infer, port, seq) for _ in range(2)]
