@@ -5,14 +5,13 @@ served with their shapes in the model metadata."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.artifacts import Artifacts, TinyModel
+from helpers.cli import in_process, one_error_line
 
 from reformer_rt.export import export_metadata
 from reformer_rt.models import ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification
@@ -84,25 +83,23 @@ def test_exports_record_the_task_and_outputs(artifacts: Artifacts, head: TinyMod
     assert options["task"] == task and options["output_names"] == outputs
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_run_command_writes_every_head_output(artifacts: Artifacts, tmp_path) -> None:
+def test_run_command_writes_every_head_output(artifacts: Artifacts, tmp_path, capsys) -> None:
+    """In process (``helpers/cli.py``): ``test_session.py`` runs the command in a real one."""
     qa_onnx = _path(artifacts, QUESTION_ANSWERING, "onnxruntime")
     qa, classifier = artifacts.checkpoint(QUESTION_ANSWERING), artifacts.checkpoint(CLASSIFIER)
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([s.tolist() for s in _sequences()]))
-    done = _cli("run", str(qa_onnx), "--ids", str(ids), "-o", str(tmp_path / "qa.npz"), "--quiet")
+    done = in_process(["run", str(qa_onnx), "--ids", str(ids), "-o", str(tmp_path / "qa.npz"), "--quiet"], capsys)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["output"] == ["start_logits", "end_logits"]
     with np.load(tmp_path / "qa.npz") as saved:
         assert sorted(saved.files) == ["end_logits", "lengths", "start_logits"]
         assert saved["lengths"].tolist() == list(LENGTHS)
-    refused = _cli("run", str(qa), "--ids", str(ids), "-o", str(tmp_path / "qa.npy"), "--backend", "torch")
-    assert refused.returncode == 2 and "use -o OUT.npz" in refused.stderr
-    done = _cli("run", str(classifier), "--ids", str(ids), "-o", str(tmp_path / "cls.npy"), "--backend", "torch")
+    refused = in_process(["run", str(qa), "--ids", str(ids), "-o", str(tmp_path / "qa.npy"), "--backend", "torch"],
+                         capsys)
+    assert refused.returncode == 2 and "use -o OUT.npz" in one_error_line("run", refused.stderr)
+    done = in_process(["run", str(classifier), "--ids", str(ids), "-o", str(tmp_path / "cls.npy"), "--backend",
+                       "torch"], capsys)
     assert done.returncode == 0 and np.load(tmp_path / "cls.npy").shape == (len(LENGTHS), 3)
 
 

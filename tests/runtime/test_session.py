@@ -6,13 +6,12 @@ session's shared tiny portable export (``BYTE_LM``, ``helpers/artifacts.py``) --
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from helpers.artifacts import BYTE_LM, DOCTOR, Artifacts, TinyModel
+from helpers.cli import in_process, one_error_line, real_process
 
 from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
 from reformer_rt.models.fused import fused_attention
@@ -156,17 +155,12 @@ def test_plugin_form_is_refused_by_onnxruntime(artifacts: Artifacts) -> None:
         Session(artifacts.export(DOCTOR, "plugin"), backend="onnxruntime")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
     model, directory = checkpoint
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[1, 2, 3, 4], list(range(40))]))
     out = tmp_path / "out.npy"
-    result = _cli("run", str(directory), "--ids", str(ids), "-o", str(out), "--backend", "torch", "--quiet")
+    result = real_process("run", str(directory), "--ids", str(ids), "-o", str(out), "--backend", "torch", "--quiet")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["backend"] == "torch" and summary["lengths"] == [4, 40]
@@ -175,14 +169,17 @@ def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
     assert np.load(tmp_path / "out.lengths.npy").tolist() == [4, 40]
 
 
-@pytest.mark.parametrize("content,words", [("[[1, 2], [99]]", "[0, 49]"), ("{", "cannot read"),
-                                           ("[]", "empty batch")])
-def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, content: str, words: str) -> None:
+@pytest.mark.parametrize("content,words,real", [("[[1, 2], [99]]", "[0, 49]", True), ("{", "cannot read", False),
+                                                ("[]", "empty batch", False)])
+def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, capsys, content: str, words: str,
+                                                         real: bool) -> None:
+    """The first case in a real process, the others in this one (``helpers/cli.py``)."""
     ids = tmp_path / "ids.json"
     ids.write_text(content)
     out = tmp_path / "out.npy"
-    result = _cli("run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch")
-    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    argv = ["run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch"]
+    result = real_process(*argv) if real else in_process(argv, capsys)
+    assert result.returncode == 2 and words in one_error_line("run", result.stderr)
     assert not out.exists()
 
 

@@ -5,8 +5,6 @@ Triton's ModelConfig schema and whose interface is exactly ``reformer-rt serve``
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ pytest.importorskip("tritonclient.grpc", reason="the model config schema ships w
                     "'.[serve]')")
 
 from helpers.artifacts import BYTE_LM, Artifacts  # noqa: E402
+from helpers.cli import in_process, one_error_line, real_process  # noqa: E402
 from helpers.serving import SERVED_LM  # noqa: E402
 
 from reformer_rt.models import InputError  # noqa: E402
@@ -75,13 +74,11 @@ def test_repository_mistakes_are_refused_and_leave_nothing(checkpoint, tmp_path)
     assert sorted(p.name for p in repo.iterdir()) == ["taken"]
 
 
-def test_export_command_writes_the_repository(checkpoint, tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
-                             "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
-                            timeout=300)
+def test_export_command_writes_the_repository(checkpoint, tmp_path, capsys) -> None:
+    """Written in process (``helpers/cli.py``); refused the second time in a real one."""
+    argv = ["export", str(checkpoint), "--triton-repo", str(tmp_path / "repo"), "--name", "m"]
+    result = in_process(argv, capsys)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "repo" / "m" / "config.pbtxt").is_file() and "tritonserver" in result.stdout
-    again = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
-                            "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    again = real_process(*argv, timeout=300)
+    assert again.returncode == 2 and "exists" in one_error_line("export", again.stderr)
