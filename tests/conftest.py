@@ -37,17 +37,3 @@ def hf_checkpoint(tmp_path: Path):
         return model, directory
 
     return build
-
-
-#: ``slow`` tests run everywhere but in CI (``CI=true``), which keeps to its time budget; REFORMER_RT_SLOW=1 runs them
-#: there too.
-SLOW_ENV = "REFORMER_RT_SLOW"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("CI") != "true" or os.environ.get(SLOW_ENV) == "1":
-        return
-    skip = pytest.mark.skip(reason=f"slow: skipped in CI to keep its time budget ({SLOW_ENV}=1 runs it)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

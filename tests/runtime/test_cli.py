@@ -25,6 +25,7 @@ def test_help_lists_commands() -> None:
     assert "demo" in result.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_on_a_ragged_long_batch(tmp_path) -> None:
     """What ``make demo`` runs, from an empty cache (so it first exports the demo model)."""
     result = real_process("demo", "--lengths", "2048,1000,300", "--generate", "24", "--threads", "2",

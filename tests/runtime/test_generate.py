@@ -156,6 +156,7 @@ def test_cli_continues_text_and_reports_errors_in_one_line(capsys) -> None:
     assert bad.returncode == 2 and "top_p" in one_error_line("generate", bad.stderr)
 
 
+@pytest.mark.slow
 def test_bench_generate_measures_every_variant_and_reports_slopes(session: Session, tmp_path) -> None:
     """The benchmark command end to end on a tiny model (figures are not checked: benchmarks, not tests)."""
     out = tmp_path / "bench"

@@ -1,6 +1,7 @@
 """Classification and QA heads through the whole runtime: exported (validated), run by the Session on the torch and
 ONNX Runtime backends (each result equal to the model on that sequence alone), written by ``reformer-rt run``, and
-served with their shapes in the model metadata."""
+served with their shapes in the model metadata. Each export is half a minute on 2 cores: ``make test`` makes the QA
+head's; the classifier's, and the tests that need it, are ``slow``."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _alone(model, seq: np.ndarray):
         return model(torch.from_numpy(seq)[None])
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 def test_classification_session_outputs(artifacts: Artifacts, backend: str) -> None:
     model = CLASSIFIER.build()
     session = Session(_path(artifacts, CLASSIFIER, backend), backend=backend, device="cpu")
@@ -74,7 +75,7 @@ def test_question_answering_session_outputs(artifacts: Artifacts, backend: str) 
 
 
 @pytest.mark.parametrize("head,task,outputs", [
-    pytest.param(CLASSIFIER, "classification", ["logits"], id="classification"),
+    pytest.param(CLASSIFIER, "classification", ["logits"], id="classification", marks=pytest.mark.slow),
     pytest.param(QUESTION_ANSWERING, "question_answering", ["start_logits", "end_logits"], id="question_answering"),
 ])
 def test_exports_record_the_task_and_outputs(artifacts: Artifacts, head: TinyModel, task: str,

@@ -2,7 +2,8 @@
 answers tritonclient over the same KServe v2 endpoints as ``reformer-rt serve``, each result equal to
 ``Session.run``, spread over both replicas; a replica killed during load is replaced and no request is silently
 lost; ``reformer-rt serve --ray`` deploys and drains; Ray Data embeds a folder of documents exactly as
-``Session.embed`` does."""
+``Session.embed`` does. The last three start Ray actors of their own (each imports torch and loads the model):
+20-70 s each on 2 cores, so they are ``slow``."""
 
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def _running_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_a_replica_killed_during_load_is_replaced_and_no_request_is_lost(app, checkpoint) -> None:
     session = Session(checkpoint, backend="torch", device="cpu")
     rng = np.random.default_rng(1)
@@ -196,6 +198,7 @@ def test_a_replica_killed_during_load_is_replaced_and_no_request_is_lost(app, ch
     assert all(_raw_request(app, seq)[0] == 200 for seq in seqs[:6])
 
 
+@pytest.mark.slow
 def test_ray_data_embeds_a_folder_of_documents_like_session_embed(cluster, checkpoint, tmp_path) -> None:
     from reformer_rt.runtime.ray_data import embed_dataset
 
@@ -220,6 +223,7 @@ def test_ray_data_embeds_a_folder_of_documents_like_session_embed(cluster, check
         assert np.abs(np.array(row["embedding"]) - session.embed([ids])[0]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_serve_command_deploys_on_ray_and_drains(cluster, app, checkpoint) -> None:
     """``reformer-rt serve --ray`` joins this cluster (Serve restarted on a new port), serves, and removes its
     application on SIGTERM."""

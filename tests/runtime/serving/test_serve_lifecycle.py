@@ -250,6 +250,7 @@ def test_without_models_the_demo_is_served_and_sigint_stops_it(tmp_path) -> None
         assert server.wait(60) == 0
 
 
+@pytest.mark.slow
 def test_bench_serve_sweeps_both_modes_and_writes_its_report(tiny_checkpoint, tmp_path) -> None:
     """The benchmark command end to end on a tiny workload (its figures are not checked: benchmarks, not tests)."""
     result = real_process("bench", "serve", str(tiny_checkpoint), "--backend", "torch", "--concurrency", "1,3",
