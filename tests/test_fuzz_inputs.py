@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_artifacts import CONFIG, tiny_checkpoint, tiny_export
+from helpers.artifacts import BYTE_LM, Artifacts
 
 from reformer_rt.export.metadata import export_metadata
 from reformer_rt.models import ReformerConfig, ReformerError, ReformerLM
@@ -39,17 +39,23 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize="REFORMER_RT_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
+CONFIG = BYTE_LM.config
 VOCAB = CONFIG.vocab_size
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp()
+def checkpoint(artifacts: Artifacts) -> Path:
+    return artifacts.checkpoint(BYTE_LM)
 
 
 @pytest.fixture(scope="module")
-def session(root: Path) -> Session:
-    return Session(tiny_checkpoint(root), backend="torch", device="cpu")
+def onnx_file(artifacts: Artifacts) -> Path:
+    return artifacts.export(BYTE_LM)
+
+
+@pytest.fixture(scope="module")
+def session(checkpoint: Path) -> Session:
+    return Session(checkpoint, backend="torch", device="cpu")
 
 
 # -------------------------------------------------------------------------------------------- strategies
@@ -197,10 +203,10 @@ def _damaged(data: bytes, how: tuple[str, int, bytes]) -> bytes:
 
 @FUZZ
 @given(name=st.sampled_from(["config.json", "model.safetensors"]), how=st.data())
-def test_damaged_checkpoint(root: Path, tmp_path: Path, name: str, how: st.DataObject) -> None:
+def test_damaged_checkpoint(checkpoint: Path, tmp_path: Path, name: str, how: st.DataObject) -> None:
     directory = tmp_path / "ckpt"
     shutil.rmtree(directory, ignore_errors=True)
-    shutil.copytree(tiny_checkpoint(root), directory)
+    shutil.copytree(checkpoint, directory)
     data = (directory / name).read_bytes()
     (directory / name).write_bytes(_damaged(data, how.draw(damage(len(data)))))
     try:
@@ -217,9 +223,9 @@ def _export_logits(path: Path) -> np.ndarray:
 
 @FUZZ
 @given(how=st.data())
-def test_damaged_onnx_export(root: Path, tmp_path: Path, how: st.DataObject) -> None:
+def test_damaged_onnx_export(onnx_file: Path, tmp_path: Path, how: st.DataObject) -> None:
     """A damaged export is refused when opened (its recorded sha256), so it never runs with wrong numbers."""
-    data = tiny_export(root).read_bytes()
+    data = onnx_file.read_bytes()
     path = tmp_path / "m.onnx"
     path.write_bytes(_damaged(data, how.draw(damage(len(data)))))
     try:
@@ -227,7 +233,7 @@ def test_damaged_onnx_export(root: Path, tmp_path: Path, how: st.DataObject) -> 
     except ReformerError:
         return
     result = Session(path, backend="onnxruntime", device="cpu").run([[5, 6, 7]])["logits"]
-    np.testing.assert_array_equal(result, _export_logits(tiny_export(root)))
+    np.testing.assert_array_equal(result, _export_logits(onnx_file))
 
 
 # ------------------------------------------------------------------------------------------- file sets

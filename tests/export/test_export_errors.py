@@ -1,6 +1,7 @@
 """Export refusals and the export-file check: options and output path refused before any work, the default LSH
 form runs where it was made, a file edited or damaged after export is refused, and every way metadata can disagree
-with its graph is named. Uses the tiny shared checkpoint and export (``tests/tiny_artifacts.py``)."""
+with its graph is named. Uses the session's shared tiny checkpoint and export (``BYTE_LM`` of
+``tests/helpers/artifacts.py``)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,23 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from helpers.artifacts import BYTE_LM, Artifacts
 
 from reformer_rt.export import ExportError, ExportInfo, export_info, export_metadata, export_onnx
 from reformer_rt.export import cli as export_cli
 from reformer_rt.export import lowering
 from reformer_rt.export import onnx_export
 from reformer_rt.export.metadata import DIGEST_KEY, PREFIX, read_metadata
-from reformer_rt.models import InputError, ReformerLM
+from reformer_rt.models import InputError
 from reformer_rt.models.errors import Interrupted, stop, stop_on_signals
-from tiny_artifacts import CONFIG, tiny_checkpoint, tiny_export
+from reformer_rt.models.presets import random_model
+
+CONFIG = BYTE_LM.config
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.getbasetemp()
-    return tiny_checkpoint(root), tiny_export(root)
+def tiny(artifacts: Artifacts) -> tuple[Path, Path]:
+    return artifacts.checkpoint(BYTE_LM), artifacts.export(BYTE_LM)
 
 
 @pytest.fixture
@@ -76,7 +79,7 @@ def test_default_form_is_portable_and_the_cli_says_where_it_runs(monkeypatch: py
 
 
 def test_nan_weights_in_a_model_object_are_named(tmp_path: Path) -> None:
-    model = ReformerLM(CONFIG)
+    model = random_model(CONFIG)
     with torch.no_grad():
         model.lm_head.decoder.weight[0, 0] = float("nan")
     with pytest.raises(ExportError, match="NaN"):

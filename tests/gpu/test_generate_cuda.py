@@ -14,7 +14,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from lsh_cases import small_lm
+from helpers.lsh_cases import small_lm
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.decoding import DecodeCache, prefill, step
 from reformer_rt.models.lsh_op import forced_kernels

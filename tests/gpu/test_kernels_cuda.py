@@ -15,7 +15,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from lsh_cases import CASES, GPU_CASES, GPU_HASHED_CASES, Case, inputs, make_case
+from helpers.lsh_cases import CASES, GPU_CASES, GPU_HASHED_CASES, Case, inputs, make_case
 from reformer_rt.models import LSHAttrs
 from reformer_rt.models.lsh import lsh_attention_reference, lsh_hash, lsh_sort
 from reformer_rt.plugins.kernels import _lsh_attend_kernel

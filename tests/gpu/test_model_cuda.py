@@ -16,7 +16,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from lsh_cases import small_lm
+from helpers.lsh_cases import small_lm
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.lsh_op import forced_kernels
 from reformer_rt.plugins.kernels import _lsh_attend_kernel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsh_cases import CASES, inputs
+from helpers.lsh_cases import CASES, inputs
 from reformer_rt.models import LSHAttrs, lsh_attention_reference
 from reformer_rt.models import fused
 from reformer_rt.models.attention import _merge_heads

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.hf_models import make_hf_model
 
 from reformer_rt.models import ConfigError, InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.decoding import DecodeCache, prefill, step
-
-from conftest import make_hf_model
+from reformer_rt.models.presets import random_model
 
 TOL = 1e-4
 NEW_TOKENS = 64
@@ -108,8 +108,7 @@ def test_local_only_model_cached_equals_recompute() -> None:
                             feed_forward_size=48, attn_layers=("local", "local"), axial_pos_shape=(16, 32),
                             axial_pos_embds_dim=(8, 24), max_position_embeddings=512, local_attn_chunk_length=16,
                             is_decoder=True)
-    torch.manual_seed(0)
-    model = ReformerLM(config)
+    model = random_model(config, scale=0)
     prompt = _prompt(40, 45, seed=1)
     tokens, logits = greedy(model, [prompt], 30)
     with torch.inference_mode():

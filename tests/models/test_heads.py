@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES
+from helpers.hf_models import ARCHITECTURES, make_hf_model
 
 from reformer_rt.models import (
     ConfigError, ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification, ReformerLM,
@@ -15,22 +15,11 @@ from reformer_rt.models import (
 )
 from reformer_rt.models.heads import ARCHITECTURES as CLASSES
 from reformer_rt.models.heads import LAST_LOGITS, TASKS
+from reformer_rt.models.presets import random_model
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-
-
-def _hf(cls, arch: str, **overrides):
-    config = transformers.ReformerConfig(**dict(ARCHITECTURES[arch], hash_seed=7, hidden_dropout_prob=0.0,
-                                                local_attention_probs_dropout_prob=0.0,
-                                                lsh_attention_probs_dropout_prob=0.0, **overrides))
-    torch.manual_seed(1)
-    model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model.eval()
 
 
 def _inputs(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +33,8 @@ def _inputs(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["crime_shrunk", "encoder", "enwik8_like"])
 def test_sequence_classification_equals_transformers(arch: str, tmp_path) -> None:
-    hf = _hf(transformers.ReformerForSequenceClassification, arch, num_labels=3,
-             problem_type="single_label_classification")
+    hf = make_hf_model(arch, transformers.ReformerForSequenceClassification, seed=1, num_labels=3,
+                       problem_type="single_label_classification")
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path)
     assert isinstance(ours, ReformerForSequenceClassification)
@@ -61,7 +50,7 @@ def test_sequence_classification_equals_transformers(arch: str, tmp_path) -> Non
 
 @pytest.mark.parametrize("arch", ["crime_shrunk", "encoder", "enwik8_like"])
 def test_question_answering_equals_transformers(arch: str, tmp_path) -> None:
-    hf = _hf(transformers.ReformerForQuestionAnswering, arch)
+    hf = make_hf_model(arch, transformers.ReformerForQuestionAnswering, seed=1)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path)
     assert isinstance(ours, ReformerForQuestionAnswering)
@@ -79,8 +68,7 @@ def test_question_answering_equals_transformers(arch: str, tmp_path) -> None:
 def test_saved_heads_load_in_transformers_with_equal_outputs(tmp_path) -> None:
     config = ReformerConfig.from_dict(dict(ARCHITECTURES["encoder"], hash_seed=3, id2label={"0": "no", "1": "yes"},
                                            problem_type="multi_label_classification"))
-    torch.manual_seed(0)
-    ours = ReformerForSequenceClassification(config)
+    ours = random_model(config, ReformerForSequenceClassification, scale=0)
     ours.save_pretrained(tmp_path)
     hf = transformers.ReformerForSequenceClassification.from_pretrained(tmp_path).eval()
     assert hf.config.id2label == {0: "no", 1: "yes"} and hf.config.problem_type == "multi_label_classification"
@@ -91,10 +79,10 @@ def test_saved_heads_load_in_transformers_with_equal_outputs(tmp_path) -> None:
 
 
 def test_loader_picks_the_class_from_architectures(tmp_path) -> None:
-    lm = _hf(transformers.ReformerModelWithLMHead, "crime_shrunk")
+    lm = make_hf_model("crime_shrunk", transformers.ReformerModelWithLMHead, seed=1)
     lm.save_pretrained(tmp_path / "lm")
     assert type(load_pretrained(tmp_path / "lm")) is ReformerLM
-    qa = _hf(transformers.ReformerForQuestionAnswering, "crime_shrunk")
+    qa = make_hf_model("crime_shrunk", transformers.ReformerForQuestionAnswering, seed=1)
     qa.save_pretrained(tmp_path / "qa")
     assert type(load_pretrained(tmp_path / "qa")) is ReformerForQuestionAnswering
     # the LM class reads a QA checkpoint's body but has no head to load

@@ -25,6 +25,7 @@ def _run(env: dict[str, str], *args: str, timeout: int) -> subprocess.CompletedP
                           timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")

@@ -2,8 +2,8 @@
 
 Criteria (``reformer_rt.plugins.parity``): fp32 max abs error <= 1e-5, bucket ids and sort order equal element for
 element; fp16 within ``4 * 2^-11 * max|v|`` of the reference on the same fp16 inputs. The case table is shared with
-the compiled-kernel tests in ``tests/gpu`` (``tests/lsh_cases.py``); shapes are small because the interpreter runs
-each program in Python.
+the compiled-kernel tests in ``tests/gpu`` (``tests/helpers/lsh_cases.py``); shapes are small because the interpreter
+runs each program in Python.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from lsh_cases import CASES, FP16_CASES, HASHED_CASES, Case, inputs, make_case, small_lm  # noqa: E402
+from helpers.lsh_cases import CASES, FP16_CASES, HASHED_CASES, Case, inputs, make_case, small_lm  # noqa: E402
 from reformer_rt.models import LSHAttrs, lsh_attention  # noqa: E402
 from reformer_rt.models.errors import InputError, ReformerError  # noqa: E402
 from reformer_rt.models.lsh import lsh_attention_reference, lsh_hash, lsh_sort  # noqa: E402

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers.artifacts import Artifacts, TinyModel
 from onnx import AttributeProto, TensorProto
 
-from reformer_rt.export import export_onnx
 from reformer_rt.models import ConfigError, ReformerConfig, ReformerLM
 from reformer_rt.models.attention import lsh_attrs
 from reformer_rt.models.lsh import (
@@ -261,24 +261,12 @@ CONFIG = ReformerConfig(vocab_size=40, hidden_size=32, num_attention_heads=2, at
                         attn_layers=("lsh", "local", "lsh"), feed_forward_size=64, axial_pos_embds=False,
                         max_position_embeddings=64, lsh_attn_chunk_length=8, local_attn_chunk_length=8,
                         num_hashes=2, num_buckets=[2, 4], hash_seed=3, is_decoder=True, lsh_num_chunks_after=1)
-
-
-@functools.cache
-def _export(root: Path, dtype: str) -> onnx.ModelProto:
-    torch.manual_seed(0)
-    path = root / f"tiny_plugin_{dtype}.onnx"
-    export_onnx(ReformerLM(CONFIG), path, attention="plugin", dtype=dtype, validate=False, log=None)
-    return onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("plugin_export")
+PLUGIN_LM = TinyModel("plugin-lm", CONFIG)
 
 
 @pytest.mark.parametrize(("dtype", "token"), [("float32", "FP32"), ("float16", "FP16")])
-def test_onnx_node_is_what_the_parser_maps_to_the_plugin(root: Path, dtype: str, token: str) -> None:
-    proto = _export(root, dtype)
+def test_onnx_node_is_what_the_parser_maps_to_the_plugin(artifacts: Artifacts, dtype: str, token: str) -> None:
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(artifacts.export(PLUGIN_LM, "plugin", dtype))))
     plugin = _plugin()[0]
     nodes = [n for n in proto.graph.node if n.op_type == OP_NAME]
     assert len(nodes) == CONFIG.attn_layers.count("lsh")

@@ -1,40 +1,35 @@
-"""The ``reformer-rt`` command line as a user runs it: a real process, exit codes, no tracebacks."""
+"""The ``reformer-rt`` command line as a user runs it: a real process, exit codes, no tracebacks (further cases of a
+contract in the test's own process, ``helpers/cli.py``)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers.cli import in_process, one_error_line, real_process
 
 from reformer_rt.models import ReformerLM
 from reformer_rt.models.presets import demo_model_dir
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.models.train_demo import corpus, evaluate
-
-
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
+from reformer_rt.runtime.artifacts import CACHE_ENV
 
 
 def test_help_lists_commands() -> None:
-    result = _cli("--help")
+    result = real_process("--help")
     assert result.returncode == 0
     assert "demo" in result.stdout
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_on_a_ragged_long_batch(tmp_path) -> None:
-    env = {**os.environ, "REFORMER_RT_CACHE": str(tmp_path)}
-    result = _cli("demo", "--lengths", "2048,1000,300", "--generate", "24", "--threads", "2", env=env)
+    """What ``make demo`` runs, from an empty cache (so it first exports the demo model)."""
+    result = real_process("demo", "--lengths", "2048,1000,300", "--generate", "24", "--threads", "2",
+                          env={CACHE_ENV: str(tmp_path)})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "backend: onnxruntime" in out and "tokens/s" in out
@@ -47,15 +42,15 @@ def test_demo_runs_the_pipeline_on_a_ragged_long_batch(tmp_path) -> None:
     assert list(tmp_path.glob("onnx/*.onnx"))  # the export is cached for the next run
 
 
-@pytest.mark.parametrize("args,words", [
-    (("demo", "--lengths", "99999999"), "--lengths"),
-    (("demo", "--lengths", "12,x"), "--lengths"),
-    (("demo", "--prompt", "", "--lengths", "128", "--backend", "torch"), "--prompt"),
+@pytest.mark.parametrize("args,words,real", [
+    (("demo", "--lengths", "99999999"), "--lengths", True),
+    (("demo", "--lengths", "12,x"), "--lengths", False),
+    (("demo", "--prompt", "", "--lengths", "128", "--backend", "torch"), "--prompt", False),
 ])
-def test_bad_arguments_exit_2_without_traceback(args, words: str) -> None:
-    result = _cli(*args)
+def test_bad_arguments_exit_2_without_traceback(capsys, args, words: str, real: bool) -> None:
+    result = real_process(*args) if real else in_process(list(args), capsys)
     assert result.returncode == 2
-    assert words in result.stderr and "Traceback" not in result.stderr
+    assert words in one_error_line("demo", result.stderr)
 
 
 def test_the_kernels_variable_is_read_once_where_the_command_starts(tmp_path) -> None:

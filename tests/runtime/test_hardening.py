@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_artifacts import tiny_checkpoint, tiny_export
+from helpers.artifacts import BYTE_LM, Artifacts
+from helpers.cli import in_process, one_error_line
 
 from reformer_rt.models import InputError
 from reformer_rt.models.errors import Interrupted
@@ -32,25 +33,13 @@ from reformer_rt.runtime.commands import cli
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.getbasetemp()
-    return tiny_checkpoint(root), tiny_export(root)
+def tiny(artifacts: Artifacts) -> tuple[Path, Path]:
+    return artifacts.checkpoint(BYTE_LM), artifacts.export(BYTE_LM)
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:  # argparse's usage errors
-        code = int(exc.code)
-    return code, capsys.readouterr().err
-
-
-def _one_error_line(command: str, err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert lines and lines[-1].startswith(f"reformer-rt {command}: error: "), err
-    assert sum("error" in line for line in lines if not line.startswith("usage:")) == 1, err
-    return lines[-1]
+    result = in_process(argv, capsys)
+    return result.returncode, result.stderr
 
 
 def _copy_checkpoint(tiny: tuple[Path, Path], where: Path) -> Path:
@@ -122,7 +111,7 @@ def test_user_error_is_one_line_and_exit_2(tiny, tmp_path: Path, capsys: pytest.
     code, err = _main(filled, capsys)
     assert code == 2
     command = " ".join(argv[:2]) if tuple(argv[:2]) in cli.NESTED else argv[0]
-    line = _one_error_line(command, err)
+    line = one_error_line(command, err)
     assert all(w in line for w in words), line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new, no temporary file
 
@@ -131,7 +120,7 @@ def test_binary_bytes_on_stdin_are_refused(tiny, monkeypatch: pytest.MonkeyPatch
                                            capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00abc")))
     code, err = _main(["run", str(tiny[1]), "--text", "-"], capsys)
-    assert code == 2 and "not UTF-8" in _one_error_line("run", err)
+    assert code == 2 and "not UTF-8" in one_error_line("run", err)
 
 
 def test_unwritable_cache_is_named(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -140,7 +129,7 @@ def test_unwritable_cache_is_named(tiny, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
     code, err = _main(["run", str(tiny[0]), "--ids", str(tmp_path / "ids.json")], capsys)
     assert code == 2  # --ids is read after the session opens: the cache is the first problem
-    assert "REFORMER_RT_CACHE" in _one_error_line("run", err)
+    assert "REFORMER_RT_CACHE" in one_error_line("run", err)
 
 
 def test_bench_fails_when_its_points_fail(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,7 +139,7 @@ def test_bench_fails_when_its_points_fail(tiny, tmp_path: Path, capsys: pytest.C
         pytest.skip("a GPU machine may have TensorRT")
     code, err = _main(["bench", str(tiny[0]), "--out", str(tmp_path / "o"), "--lengths", "16", "--backends",
                        "tensorrt", "--no-hf", "--repeat", "1", "--quiet"], capsys)
-    assert code == 2 and "1 of 1 points failed" in _one_error_line("bench", err)
+    assert code == 2 and "1 of 1 points failed" in one_error_line("bench", err)
     report = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert report["rows"][0]["exit_code"] == 2
 

@@ -1,18 +1,20 @@
 """Classification and QA heads through the whole runtime: exported (validated), run by the Session on the torch and
 ONNX Runtime backends (each result equal to the model on that sequence alone), written by ``reformer-rt run``, and
-served with their shapes in the model metadata."""
+served with their shapes in the model metadata. Each export is half a minute on 2 cores: ``make test`` makes the QA
+head's; the classifier's, and the tests that need it, are ``slow``."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.artifacts import Artifacts, TinyModel
+from helpers.cli import in_process, one_error_line
 
-from reformer_rt.export import export_metadata, export_onnx
+from reformer_rt.export import export_metadata
 from reformer_rt.export.metadata import recorded_task
 from reformer_rt.models import (
     ReformerConfig, ReformerForQuestionAnswering, ReformerForSequenceClassification, load_pretrained,
@@ -25,27 +27,16 @@ BASE = dict(vocab_size=40, hidden_size=16, num_attention_heads=2, attention_head
             attn_layers=("local", "lsh"), axial_pos_embds=False, max_position_embeddings=256,
             lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2, num_buckets=4, hash_seed=4)
 LENGTHS = (3, 16, 30, 41, 64, 9)
+CLASSIFIER = TinyModel("heads-cls", ReformerConfig.from_dict(
+    {**BASE, "id2label": {"0": "a", "1": "b", "2": "c"}, "problem_type": "single_label_classification"}),
+    seed=2, scale=0.1, model_class=ReformerForSequenceClassification)
+QUESTION_ANSWERING = TinyModel("heads-qa", ReformerConfig.from_dict(BASE), seed=2, scale=0.1,
+                               model_class=ReformerForQuestionAnswering)
 
 
-def _save(cls, directory, **fields):
-    torch.manual_seed(2)
-    model = cls(ReformerConfig.from_dict({**BASE, **fields}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory)
-    return model
-
-
-@pytest.fixture(scope="module")
-def heads(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heads")
-    classifier = _save(ReformerForSequenceClassification, root / "cls", id2label={"0": "a", "1": "b", "2": "c"},
-                       problem_type="single_label_classification")
-    qa = _save(ReformerForQuestionAnswering, root / "qa")
-    for name in ("cls", "qa"):
-        export_onnx(root / name, root / f"{name}.onnx", attention="portable", log=None)
-    return root, classifier, qa
+def _path(artifacts: Artifacts, head: TinyModel, backend: str) -> Path:
+    """The head's checkpoint for the torch backend; for ONNX Runtime its validated portable export, made once."""
+    return artifacts.checkpoint(head) if backend == "torch" else artifacts.export(head, validate=True)
 
 
 def _sequences() -> list[np.ndarray]:
@@ -58,10 +49,10 @@ def _alone(model, seq: np.ndarray):
         return model(torch.from_numpy(seq)[None])
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_classification_session_outputs(heads, backend: str) -> None:
-    root, model, _ = heads
-    session = Session(root / ("cls" if backend == "torch" else "cls.onnx"), backend=backend, device="cpu")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
+def test_classification_session_outputs(artifacts: Artifacts, backend: str) -> None:
+    model = CLASSIFIER.build()
+    session = Session(_path(artifacts, CLASSIFIER, backend), backend=backend, device="cpu")
     assert session.task == "classification" and session.default_outputs == ("logits",)
     assert {"logits", "probabilities"} <= set(session.outputs)
     assert ("embedding" in session.outputs) == (backend == "torch")
@@ -75,9 +66,9 @@ def test_classification_session_outputs(heads, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_question_answering_session_outputs(heads, backend: str) -> None:
-    root, _, model = heads
-    session = Session(root / ("qa" if backend == "torch" else "qa.onnx"), backend=backend, device="cpu")
+def test_question_answering_session_outputs(artifacts: Artifacts, backend: str) -> None:
+    model = QUESTION_ANSWERING.build()
+    session = Session(_path(artifacts, QUESTION_ANSWERING, backend), backend=backend, device="cpu")
     assert session.task == "question_answering" and session.default_outputs == ("start_logits", "end_logits")
     result = session.run(_sequences())  # the defaults: both
     assert result["start_logits"].shape == (len(LENGTHS), max(LENGTHS))
@@ -88,52 +79,61 @@ def test_question_answering_session_outputs(heads, backend: str) -> None:
             assert np.abs(got[:len(seq)] - want[0].numpy()).max() <= 1e-4 and not got[len(seq):].any()
 
 
-def test_exports_record_the_task_and_outputs(heads) -> None:
-    root, _, _ = heads
-    assert export_metadata(root / "cls.onnx")["export_options"]["task"] == "classification"
-    options = export_metadata(root / "qa.onnx")["export_options"]
-    assert options["task"] == "question_answering" and options["output_names"] == ["start_logits", "end_logits"]
+@pytest.mark.parametrize("head,task,outputs", [
+    pytest.param(CLASSIFIER, "classification", ["logits"], id="classification", marks=pytest.mark.slow),
+    pytest.param(QUESTION_ANSWERING, "question_answering", ["start_logits", "end_logits"], id="question_answering"),
+])
+def test_exports_record_the_task_and_outputs(artifacts: Artifacts, head: TinyModel, task: str,
+                                             outputs: list[str]) -> None:
+    options = export_metadata(_path(artifacts, head, "onnxruntime"))["export_options"]
+    assert options["task"] == task and options["output_names"] == outputs
 
 
-def test_the_task_table_drives_the_backends_and_the_export_metadata(heads) -> None:
-    root, _, _ = heads
-    for name in ("cls", "qa"):
-        model = load_pretrained(root / name)
-        task = TASKS[type(model)]
-        assert TorchBackend(model).outputs == tuple(raw.name for raw in task.raw_outputs)
-        assert OnnxRuntimeBackend(root / f"{name}.onnx").outputs == tuple(raw.name for raw in task.graph)
-        meta = export_metadata(root / f"{name}.onnx")
-        assert recorded_task(meta["export_options"]) is task
-        assert tuple(meta["export_options"]["output_names"]) == task.outputs
+@pytest.mark.parametrize("head", [QUESTION_ANSWERING, pytest.param(CLASSIFIER, marks=pytest.mark.slow)],
+                         ids=["qa", "cls"])
+def test_the_task_table_drives_the_backends_and_the_export_metadata(artifacts: Artifacts, head: TinyModel) -> None:
+    model = load_pretrained(artifacts.checkpoint(head))
+    task = TASKS[type(model)]
+    assert TorchBackend(model).outputs == tuple(raw.name for raw in task.raw_outputs)
+    exported = artifacts.export(head, validate=True)
+    assert OnnxRuntimeBackend(exported).outputs == tuple(raw.name for raw in task.graph)
+    meta = export_metadata(exported)
+    assert recorded_task(meta["export_options"]) is task
+    assert tuple(meta["export_options"]["output_names"]) == task.outputs
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_run_command_writes_every_head_output(heads, tmp_path) -> None:
-    root, _, _ = heads
+def test_run_command_writes_every_head_output(artifacts: Artifacts, tmp_path, capsys) -> None:
+    """In process (``helpers/cli.py``): ``test_session.py`` runs the command in a real one."""
+    qa_onnx = _path(artifacts, QUESTION_ANSWERING, "onnxruntime")
+    qa, classifier = artifacts.checkpoint(QUESTION_ANSWERING), artifacts.checkpoint(CLASSIFIER)
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([s.tolist() for s in _sequences()]))
-    done = _cli("run", str(root / "qa.onnx"), "--ids", str(ids), "-o", str(tmp_path / "qa.npz"), "--quiet")
+    done = in_process(["run", str(qa_onnx), "--ids", str(ids), "-o", str(tmp_path / "qa.npz"), "--quiet"], capsys)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["output"] == ["start_logits", "end_logits"]
     with np.load(tmp_path / "qa.npz") as saved:
         assert sorted(saved.files) == ["end_logits", "lengths", "start_logits"]
         assert saved["lengths"].tolist() == list(LENGTHS)
-    refused = _cli("run", str(root / "qa"), "--ids", str(ids), "-o", str(tmp_path / "qa.npy"), "--backend", "torch")
-    assert refused.returncode == 2 and "use -o OUT.npz" in refused.stderr
-    done = _cli("run", str(root / "cls"), "--ids", str(ids), "-o", str(tmp_path / "cls.npy"), "--backend", "torch")
+    refused = in_process(["run", str(qa), "--ids", str(ids), "-o", str(tmp_path / "qa.npy"), "--backend", "torch"],
+                         capsys)
+    assert refused.returncode == 2 and "use -o OUT.npz" in one_error_line("run", refused.stderr)
+    done = in_process(["run", str(classifier), "--ids", str(ids), "-o", str(tmp_path / "cls.npy"), "--backend",
+                       "torch"], capsys)
     assert done.returncode == 0 and np.load(tmp_path / "cls.npy").shape == (len(LENGTHS), 3)
 
 
-def test_served_heads_show_their_shapes_and_answer(heads) -> None:
+def test_served_heads_show_their_shapes_and_answer(artifacts: Artifacts, tmp_path) -> None:
+    """The classifier from its checkpoint on the torch backend (``auto`` would export it again, to the user's
+    cache), the QA head from its export on the backend ``auto`` picks."""
     httpclient = pytest.importorskip("tritonclient.http")
     from reformer_rt.runtime.bench.server_process import ServeProcess
 
-    root, classifier, qa = heads
-    with ServeProcess([f"cls={root / 'cls'}", f"qa={root / 'qa.onnx'}", "--backend", "auto", "--device", "cpu"],
+    classifier = CLASSIFIER.build()
+    models = {"cls": {"path": str(artifacts.checkpoint(CLASSIFIER)), "backend": "torch"},
+              "qa": str(_path(artifacts, QUESTION_ANSWERING, "onnxruntime"))}
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"models": models}))
+    with ServeProcess(["--config", str(config), "--backend", "auto", "--device", "cpu"],
                       start_timeout_s=120) as server:
         client = httpclient.InferenceServerClient(server.http)
         shapes = {o["name"]: o["shape"] for o in client.get_model_metadata("cls")["outputs"]}

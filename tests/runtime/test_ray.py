@@ -1,8 +1,9 @@
 """Scale-out on Ray (marked ``ray``; one local 2-CPU cluster for the module, of its own and on loopback:
-``ray_harness.hermetic_ray``): a 2-replica Ray Serve deployment answers tritonclient over the same KServe v2
+``helpers/ray_harness.hermetic_ray``): a 2-replica Ray Serve deployment answers tritonclient over the same KServe v2
 endpoints as ``reformer-rt serve``, each result equal to ``Session.run``, spread over both replicas; a replica killed
 during load is replaced and no request is silently lost; ``reformer-rt serve --ray`` deploys and drains; Ray Data
-embeds a folder of documents exactly as ``Session.embed`` does."""
+embeds a folder of documents exactly as ``Session.embed`` does. The last three start Ray actors of their own (each
+imports torch and loads the model): 20-70 s each on 2 cores, so they are ``slow``."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ra
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[test]')")
 
-from ray_harness import (  # noqa: E402
-    call, free_port, hermetic_ray, last_logits, raw_request, start_serve_on_ray, tiny_checkpoint, wait_until,
+from helpers.artifacts import Artifacts  # noqa: E402
+from helpers.ray_harness import (  # noqa: E402
+    call, free_port, hermetic_ray, last_logits, raw_request, start_serve_on_ray,
 )
+from helpers.serving import SERVED_LM, wait_until  # noqa: E402
 
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import GenerationOptions, Session  # noqa: E402
@@ -33,9 +36,11 @@ from reformer_rt.runtime.serving.spec import ModelSpec, SessionDefaults  # noqa:
 pytestmark = pytest.mark.ray
 
 
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ray") / "tiny")
+def checkpoint(artifacts: Artifacts) -> Path:
+    """The served tiny LM of the server tests (byte vocabulary and tokenizer, up to 2048 tokens)."""
+    return artifacts.checkpoint(SERVED_LM)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +142,7 @@ def _running_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_a_replica_killed_during_load_is_replaced_and_no_request_is_lost(app, checkpoint) -> None:
     session = Session(checkpoint, backend="torch", device="cpu")
     rng = np.random.default_rng(1)
@@ -166,6 +172,7 @@ def test_a_replica_killed_during_load_is_replaced_and_no_request_is_lost(app, ch
     assert all(raw_request(app, seq)[0] == 200 for seq in seqs[:6])
 
 
+@pytest.mark.slow
 def test_ray_data_embeds_a_folder_of_documents_like_session_embed(cluster, checkpoint, tmp_path) -> None:
     from reformer_rt.runtime.ray_data import embed_dataset
 
@@ -190,6 +197,7 @@ def test_ray_data_embeds_a_folder_of_documents_like_session_embed(cluster, check
         assert np.abs(np.array(row["embedding"]) - session.embed([ids])[0]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_serve_command_deploys_on_ray_and_drains(cluster, app, checkpoint) -> None:
     """``reformer-rt serve --ray`` joins this cluster (Serve restarted on a new port), serves, and removes its
     application on SIGTERM."""

@@ -1,6 +1,6 @@
 """Ray beyond one node (marked ``ray`` and ``slow``): one local two-node cluster for the module, built with
 ``ray.cluster_utils.Cluster`` on this machine -- a head and a worker node of one CPU each, on 127.0.0.1, in the
-hermetic environment of ``ray_harness.hermetic_ray``. ``reformer-rt serve --ray --address`` joins it and puts a
+hermetic environment of ``helpers/ray_harness.hermetic_ray``. ``reformer-rt serve --ray --address`` joins it and puts a
 replica on each node, as the replicas themselves report (``X-Reformer-Node``); Ray Data embeds on both nodes, each
 embedding equal to ``Session.embed``; removing the worker node under load ends every request as a correct answer or
 an error a client retries, the survivor serves on, and the lost replica comes back on a node that joins afterwards.
@@ -28,9 +28,11 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ra
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 
 from ray.cluster_utils import Cluster  # noqa: E402
-from ray_harness import (  # noqa: E402
-    call, free_port, hermetic_ray, last_logits, raw_request, start_serve_on_ray, tiny_checkpoint, wait_until,
+from helpers.artifacts import Artifacts  # noqa: E402
+from helpers.ray_harness import (  # noqa: E402
+    call, free_port, hermetic_ray, last_logits, raw_request, start_serve_on_ray,
 )
+from helpers.serving import SERVED_LM, wait_until  # noqa: E402
 
 from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
@@ -52,8 +54,9 @@ class TwoNodes:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ray-cluster") / "tiny")
+def checkpoint(artifacts: Artifacts) -> Path:
+    """The served tiny LM of the server tests (byte vocabulary and tokenizer, up to 2048 tokens)."""
+    return artifacts.checkpoint(SERVED_LM)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,19 @@
-"""Session: every CPU backend agrees with the PyTorch model; batch invariance; micro-batching; bad input."""
+"""Session: every CPU backend agrees with the PyTorch model; batch invariance; micro-batching; bad input.
+
+The torch backend runs this module's own checkpoint (``SESSION_LM``); the ONNX Runtime backend runs the test
+session's shared tiny portable export (``BYTE_LM``, ``helpers/artifacts.py``) -- an export costs half a minute."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import inspect
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers.artifacts import BYTE_LM, DOCTOR, Artifacts, TinyModel
+from helpers.cli import in_process, one_error_line, real_process
 
 from reformer_rt.models import InputError, InputTypeError, ReformerConfig, ReformerError, ReformerLM
 from reformer_rt.models.fused import fused_attention
@@ -24,27 +27,18 @@ CONFIG = ReformerConfig(
     max_position_embeddings=512, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
     num_buckets=(4, 4), hash_seed=1, is_decoder=True)
 LENGTHS = [5, 16, 23, 32, 40, 64, 70, 3]  # chunk multiples and not, shorter than a chunk, shared buckets
+SESSION_LM = TinyModel("session-lm", CONFIG, scale=0.1)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ReformerLM(CONFIG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    directory = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save_pretrained(directory)
-    return model, directory
+def checkpoint(artifacts: Artifacts):
+    return SESSION_LM.build(), artifacts.checkpoint(SESSION_LM)
 
 
 @pytest.fixture(scope="module")
-def onnx_file(checkpoint, tmp_path_factory):
-    from reformer_rt.export import export_onnx
-
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(checkpoint[1], path, attention="portable", max_length=256, validate=False, log=None)
-    return path
+def exported(artifacts: Artifacts):
+    """The shared tiny model and its portable export: (model, path)."""
+    return BYTE_LM.build(), artifacts.export(BYTE_LM)
 
 
 def _sequences(seed: int = 0) -> list[list[int]]:
@@ -59,7 +53,7 @@ def _alone(model: ReformerLM, seq: list[int]) -> np.ndarray:
 
 def _check_against_alone(model, result, seqs, tol: float) -> None:
     logits, lengths = result["logits"], result["lengths"]
-    assert logits.shape == (len(seqs), max(LENGTHS), CONFIG.vocab_size)
+    assert logits.shape == (len(seqs), max(LENGTHS), model.config.vocab_size)
     assert lengths.tolist() == [len(s) for s in seqs]
     for i, seq in enumerate(seqs):
         diff = np.abs(logits[i, :len(seq)] - _alone(model, seq)).max()
@@ -74,8 +68,8 @@ def test_torch_backend_ragged_batch_equals_each_sequence_alone(checkpoint) -> No
     _check_against_alone(model, session.run(_sequences()), _sequences(), tol=1e-5)
 
 
-def test_onnxruntime_backend_ragged_batch_equals_each_sequence_alone(checkpoint, onnx_file) -> None:
-    model, _ = checkpoint
+def test_onnxruntime_backend_ragged_batch_equals_each_sequence_alone(exported) -> None:
+    model, onnx_file = exported
     session = Session(onnx_file, backend="auto", device="cpu")
     assert session.backend == "onnxruntime" and "TensorRT unavailable" in session.backend_reason
     _check_against_alone(model, session.run(_sequences()), _sequences(), tol=1e-4)
@@ -151,8 +145,9 @@ def test_bad_input_is_rejected_and_session_stays_usable(checkpoint, sequences, e
     assert session.run([[1, 2, 3]])["logits"].shape == (1, 3, CONFIG.vocab_size)
 
 
-def test_bad_backend_choices_are_clear(checkpoint, onnx_file, tmp_path) -> None:
+def test_bad_backend_choices_are_clear(checkpoint, exported, tmp_path) -> None:
     _, directory = checkpoint
+    _, onnx_file = exported
     with pytest.raises(InputError, match="backend"):
         Session(directory, backend="jax")
     with pytest.raises(ReformerError, match="needs a checkpoint directory"):
@@ -165,18 +160,9 @@ def test_bad_backend_choices_are_clear(checkpoint, onnx_file, tmp_path) -> None:
         Session(corrupt, backend="onnxruntime")
 
 
-def test_plugin_form_is_refused_by_onnxruntime(checkpoint, tmp_path) -> None:
-    from reformer_rt.export import export_onnx
-
-    path = tmp_path / "plugin.onnx"
-    export_onnx(checkpoint[1], path, attention="plugin", max_length=64, validate=False, log=None)
+def test_plugin_form_is_refused_by_onnxruntime(artifacts: Artifacts) -> None:
     with pytest.raises(ReformerError, match="TensorRT only"):
-        Session(path, backend="onnxruntime")
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+        Session(artifacts.export(DOCTOR, "plugin"), backend="onnxruntime")
 
 
 def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
@@ -184,7 +170,7 @@ def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[1, 2, 3, 4], list(range(40))]))
     out = tmp_path / "out.npy"
-    result = _cli("run", str(directory), "--ids", str(ids), "-o", str(out), "--backend", "torch", "--quiet")
+    result = real_process("run", str(directory), "--ids", str(ids), "-o", str(out), "--backend", "torch", "--quiet")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["backend"] == "torch" and summary["lengths"] == [4, 40]
@@ -193,14 +179,17 @@ def test_run_command_writes_npy_and_reports(checkpoint, tmp_path) -> None:
     assert np.load(tmp_path / "out.lengths.npy").tolist() == [4, 40]
 
 
-@pytest.mark.parametrize("content,words", [("[[1, 2], [99]]", "[0, 49]"), ("{", "cannot read"),
-                                           ("[]", "empty batch")])
-def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, content: str, words: str) -> None:
+@pytest.mark.parametrize("content,words,real", [("[[1, 2], [99]]", "[0, 49]", True), ("{", "cannot read", False),
+                                                ("[]", "empty batch", False)])
+def test_run_command_bad_input_exits_2_without_traceback(checkpoint, tmp_path, capsys, content: str, words: str,
+                                                         real: bool) -> None:
+    """The first case in a real process, the others in this one (``helpers/cli.py``)."""
     ids = tmp_path / "ids.json"
     ids.write_text(content)
     out = tmp_path / "out.npy"
-    result = _cli("run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch")
-    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    argv = ["run", str(checkpoint[1]), "--ids", str(ids), "-o", str(out), "--backend", "torch"]
+    result = real_process(*argv) if real else in_process(argv, capsys)
+    assert result.returncode == 2 and words in one_error_line("run", result.stderr)
     assert not out.exists()
 
 
@@ -266,11 +255,11 @@ def test_byte_tokenizer_is_the_fallback_for_a_258_token_vocabulary() -> None:
         load_tokenizer(None, CONFIG)
 
 
-def test_onnxruntime_runs_large_batches_without_the_memory_arena(checkpoint, onnx_file, monkeypatch) -> None:
+def test_onnxruntime_runs_large_batches_without_the_memory_arena(exported, monkeypatch) -> None:
     """Batches over LEAN_TOKENS use a second, arena-free session; results are the same."""
     from reformer_rt.runtime import backends
 
-    model, _ = checkpoint
+    model, onnx_file = exported
     monkeypatch.setattr(backends, "LEAN_TOKENS", 48)
     session = Session(onnx_file, backend="onnxruntime", device="cpu")
     seqs = _sequences(5)
@@ -279,8 +268,9 @@ def test_onnxruntime_runs_large_batches_without_the_memory_arena(checkpoint, onn
     assert lean is not None and lean is not session._backend.session
 
 
-def test_float16_torch_session_equals_the_float16_model_and_other_backends_refuse_it(checkpoint, onnx_file) -> None:
+def test_float16_torch_session_equals_the_float16_model_and_other_backends_refuse_it(checkpoint, exported) -> None:
     model, directory = checkpoint
+    _, onnx_file = exported
     seqs = _sequences(6)
     half = Session(directory, backend="torch", device="cpu", dtype="float16").run(seqs, outputs=["logits"])
     assert half["logits"].dtype == np.float32  # outputs are float32 whatever the compute precision

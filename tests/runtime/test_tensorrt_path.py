@@ -10,17 +10,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from helpers.artifacts import DOCTOR, Artifacts
+from helpers.cli import in_process, one_error_line, real_process
 
-from reformer_rt.export import export_onnx
 from reformer_rt.export.validate import FP32_ABS_TOL, random_inputs
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.presets import random_model
@@ -60,18 +58,10 @@ def _require_tensorrt_gpu() -> None:
         pytest.skip("no CUDA GPU")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_onnx(artifacts: Artifacts) -> Path:
     """The doctor's tiny random LM, exported in plugin form (max length 64, chunk 8, 2 hash rounds)."""
-    path = tmp_path_factory.mktemp("trt") / "tiny.onnx"
-    export_onnx(random_model(), path, attention="plugin", validate=False, log=None)
-    return path
+    return artifacts.export(DOCTOR, "plugin")
 
 
 # ------------------------------------------------------------------------------------------------- profiles
@@ -307,10 +297,11 @@ def test_backend_and_session_say_what_to_install(tiny_onnx: Path) -> None:
 
 @needs_no_tensorrt
 def test_build_command_without_tensorrt_exits_2_with_install_hint(tiny_onnx: Path, tmp_path: Path) -> None:
+    """The command's contract in a real process (the other cases run in this one: ``helpers/cli.py``)."""
     out = tmp_path / "tiny.engine"
-    result = _cli("build", str(tiny_onnx), "-o", str(out), "--max", "2x64", "--cache-dir", str(tmp_path / "c"))
+    result = real_process("build", str(tiny_onnx), "-o", str(out), "--max", "2x64", "--cache-dir", str(tmp_path / "c"))
     assert result.returncode == 2, result.stderr
-    assert 'pip install "tensorrt-cu12>=10.8"' in result.stderr and "Traceback" not in result.stderr
+    assert 'pip install "tensorrt-cu12>=10.8"' in one_error_line("build", result.stderr)
     assert not out.exists() and not sidecar_path(out).exists()
 
 
@@ -319,12 +310,13 @@ def test_build_command_without_tensorrt_exits_2_with_install_hint(tiny_onnx: Pat
     (("--min", "2x"), "--min: got '2x'; expected BxL"),
     (("--workspace-mib", "0"), "--workspace-mib: got 0"),
 ])
-def test_build_command_rejects_bad_options_first(tiny_onnx: Path, tmp_path: Path, args: tuple, words: str) -> None:
-    result = _cli("build", str(tiny_onnx), "-o", str(tmp_path / "x.engine"), *args)
-    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+def test_build_command_rejects_bad_options_first(tiny_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 args: tuple, words: str) -> None:
+    result = in_process(["build", str(tiny_onnx), "-o", str(tmp_path / "x.engine"), *args], capsys)
+    assert result.returncode == 2 and words in one_error_line("build", result.stderr)
 
 
-def test_build_command_rejects_other_onnx_files(tmp_path: Path) -> None:
+def test_build_command_rejects_other_onnx_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
                                    [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
@@ -333,13 +325,13 @@ def test_build_command_rejects_other_onnx_files(tmp_path: Path) -> None:
     (tmp_path / "text.onnx").write_text("not onnx")
     for path, words in ((plain, "no reformer_rt metadata"), (tmp_path / "text.onnx", "cannot read it as ONNX"),
                         (tmp_path / "none.onnx", "not a file")):
-        result = _cli("build", str(path), "-o", str(tmp_path / "x.engine"))
-        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+        result = in_process(["build", str(path), "-o", str(tmp_path / "x.engine")], capsys)
+        assert result.returncode == 2 and words in one_error_line("build", result.stderr)
 
 
 @needs_no_tensorrt
 def test_doctor_reports_and_says_the_self_test_did_not_run() -> None:
-    result = _cli("doctor")
+    result = real_process("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = {line[:20].strip(): line[20:].split(maxsplit=1) for line in result.stdout.splitlines()[:-1]}
     assert set(lines) == {"python", "torch", "triton", "kernels fp32", "kernels fp16", "cuda forward", "onnxruntime",
@@ -370,7 +362,7 @@ def test_build_cache_run_and_compare(tiny_onnx: Path, tmp_path: Path) -> None:
     third = engine_for(tiny_onnx, options, cache, log=lambda _: None)
     assert not third.cache_hit and verify_record(third.engine, third.record) is None
     backend = TensorRTBackend(third.engine, third.record, "cuda")
-    model = random_model()
+    model = DOCTOR.build()
     generator = torch.Generator().manual_seed(1)
     for batch, length, ragged in ((1, 1, False), (2, 29, True), (5, 64, True)):  # 5 rows > profile max: sliced
         ids, mask = random_inputs(model.config.vocab_size, batch, length, ragged, generator)
@@ -388,15 +380,15 @@ def test_build_cache_run_and_compare(tiny_onnx: Path, tmp_path: Path) -> None:
 def test_build_command_engine_opens_alone_in_a_session(tiny_onnx: Path, tmp_path: Path) -> None:
     _require_tensorrt_gpu()
     engine = tmp_path / "tiny.engine"
-    result = _cli("build", str(tiny_onnx), "-o", str(engine), "--max", "2x64", "--cache-dir", str(tmp_path / "c"),
-                  "--timing-cache", str(tmp_path / "timing.cache"), "--no-tf32")
+    result = real_process("build", str(tiny_onnx), "-o", str(engine), "--max", "2x64", "--cache-dir",
+                          str(tmp_path / "c"), "--timing-cache", str(tmp_path / "timing.cache"), "--no-tf32")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "timing.cache").stat().st_size > 0
     session = Session(engine)
     assert session.backend == "tensorrt" and session.output_name == "logits"
     sequences = [[1, 2, 3], [(7 * i) % 32 for i in range(30)]]
     out = session.run(sequences)["logits"]
-    model = random_model()
+    model = DOCTOR.build()
     for row, sequence in enumerate(sequences):
         with torch.no_grad():
             expected = model(torch.tensor([sequence])).numpy()[0]
@@ -407,7 +399,7 @@ def test_build_command_engine_opens_alone_in_a_session(tiny_onnx: Path, tmp_path
 @pytest.mark.gpu
 def test_doctor_self_test_passes() -> None:
     _require_tensorrt_gpu()
-    result = _cli("doctor")
+    result = real_process("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tensorrt self-test   ok" in result.stdout
 

@@ -4,35 +4,28 @@ Triton's ModelConfig schema and whose interface is exactly ``reformer-rt serve``
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("tritonclient.grpc", reason="the model config schema ships with tritonclient (pip install "
                     "'.[serve]')")
 
-from reformer_rt.models import InputError, ReformerConfig, ReformerLM  # noqa: E402
-from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
+from helpers.artifacts import BYTE_LM, Artifacts  # noqa: E402
+from helpers.cli import in_process, one_error_line, real_process  # noqa: E402
+from helpers.serving import SERVED_LM  # noqa: E402
+
+from reformer_rt.models import InputError  # noqa: E402
 from reformer_rt.runtime import Session  # noqa: E402
 from reformer_rt.runtime.serving.model import ServedModel  # noqa: E402
 from reformer_rt.runtime.serving.triton_repo import MODEL_PY, validate_config, write_repository  # noqa: E402
 
-CONFIG = ReformerConfig(
-    vocab_size=258, hidden_size=16, num_attention_heads=2, attention_head_size=8, feed_forward_size=32,
-    attn_layers=("local", "lsh"), axial_pos_embds=False, max_position_embeddings=256, lsh_attn_chunk_length=16,
-    local_attn_chunk_length=16, num_hashes=2, num_buckets=4, hash_seed=2, is_decoder=True)
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("triton") / "tiny"
-    ReformerLM(CONFIG).save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
+def checkpoint(artifacts: Artifacts) -> Path:
+    """The served tiny LM of the server tests (byte tokenizer included)."""
+    return artifacts.checkpoint(SERVED_LM)
 
 
 def _interface(config) -> tuple[list, list]:
@@ -56,11 +49,8 @@ def test_python_repository_serves_the_same_interface_as_reformer_rt_serve(checkp
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny"]  # no staging directory left
 
 
-def test_onnxruntime_repository_for_an_onnx_file(checkpoint, tmp_path) -> None:
-    from reformer_rt.export import export_onnx
-
-    onnx_path = tmp_path / "tiny.onnx"
-    export_onnx(checkpoint, onnx_path, attention="portable", validate=False, log=None)
+def test_onnxruntime_repository_for_an_onnx_file(artifacts: Artifacts, tmp_path) -> None:
+    onnx_path = Path(shutil.copy(artifacts.export(BYTE_LM), tmp_path / "tiny.onnx"))  # the session's shared export
     target = write_repository(onnx_path, tmp_path / "repo", triton_backend="onnxruntime")
     assert target.name == "tiny" and (target / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
     config = validate_config((target / "config.pbtxt").read_text())
@@ -84,13 +74,11 @@ def test_repository_mistakes_are_refused_and_leave_nothing(checkpoint, tmp_path)
     assert sorted(p.name for p in repo.iterdir()) == ["taken"]
 
 
-def test_export_command_writes_the_repository(checkpoint, tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
-                             "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
-                            timeout=300)
+def test_export_command_writes_the_repository(checkpoint, tmp_path, capsys) -> None:
+    """Written in process (``helpers/cli.py``); refused the second time in a real one."""
+    argv = ["export", str(checkpoint), "--triton-repo", str(tmp_path / "repo"), "--name", "m"]
+    result = in_process(argv, capsys)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "repo" / "m" / "config.pbtxt").is_file() and "tritonserver" in result.stdout
-    again = subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "export", str(checkpoint),
-                            "--triton-repo", str(tmp_path / "repo"), "--name", "m"], capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    again = real_process(*argv, timeout=300)
+    assert again.returncode == 2 and "exists" in one_error_line("export", again.stderr)

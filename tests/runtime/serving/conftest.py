@@ -1,4 +1,5 @@
-"""Fixtures of the server tests: a tiny byte-level LM checkpoint and a server over it (always stopped)."""
+"""Fixtures of the server tests: the served tiny LM's checkpoint (``helpers/serving.py``), the session's shared tiny
+portable export, and one server over both for the whole test session (always stopped)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("tritonclient.http", reason="the server tests need tritonclient (pip install '.[test]')")
 
-from serve_harness import TINY, ServerProcess  # noqa: E402
-from tiny_artifacts import tiny_export  # noqa: E402
-
-from reformer_rt.models import ReformerLM  # noqa: E402
-from reformer_rt.models.tokenizer import ByteTokenizer  # noqa: E402
+from helpers.artifacts import BYTE_LM, Artifacts  # noqa: E402
+from helpers.serving import SERVED_LM, ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = ReformerLM(TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    directory = tmp_path_factory.mktemp("serving") / "tiny"
-    model.save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
-
+def tiny_checkpoint(artifacts: Artifacts) -> Path:
+    return artifacts.checkpoint(SERVED_LM)
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test session's shared tiny portable export (``tests/tiny_artifacts.py``: vocabulary 258, at most 128
-    tokens), served as a second kind of model."""
-    return tiny_export(tmp_path_factory.getbasetemp())
+def tiny_onnx(artifacts: Artifacts) -> Path:
+    """The test session's shared tiny portable export (``BYTE_LM``: vocabulary 258, at most 128 tokens), served as
+    a second kind of model."""
+    return artifacts.export(BYTE_LM)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tiny_onnx: Path) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint: Path, tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The tiny checkpoint twice (two names; every output kind) and its portable ONNX export (``onnx``), on the
-    CPU."""
+    CPU; one process for every module (a start costs seconds), so tests read metrics as differences."""
     torch_model = {"path": str(tiny_checkpoint), "backend": "torch"}
-    config = tiny_checkpoint.parent / "serve.json"
+    config = tmp_path_factory.mktemp("serve") / "serve.json"
     config.write_text(json.dumps({"models": {"tiny": torch_model, "twin": torch_model, "onnx": str(tiny_onnx)},
                                   "device": "cpu", "max_queue_delay_us": 5000}))
     with ServerProcess("--config", str(config), "--max-body-mb", "1", "--max-queue-delay-us", "2000") as process:
         yield process
-
-

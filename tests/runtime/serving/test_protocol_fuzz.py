@@ -33,7 +33,7 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
-from serve_harness import ServerProcess  # noqa: E402
+from helpers.serving import ServerProcess  # noqa: E402
 
 OIP = pathlib.Path(__file__).parent / "oip"
 EXAMPLES = int(os.environ.get("REFORMER_RT_FUZZ_EXAMPLES", "25"))

@@ -15,11 +15,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
-from serve_harness import TINY, ragged_sequences
+from helpers.serving import SERVED_LM, ragged_sequences
 from tritonclient.utils import InferenceServerException
 
 from reformer_rt.runtime import Session
 
+CONFIG = SERVED_LM.config
 ALL_OUTPUTS = ("logits", "last_logits", "top_k_ids", "top_k_log_probs", "log_probs", "last_hidden_state",
                "embedding", "lengths")
 TOL = 1e-5  # the same model on the same CPU; batch-mates may change the last bits of a matrix product
@@ -161,7 +162,7 @@ def test_descriptions_over_http_and_grpc(server) -> None:
     assert grpc.is_server_live() and grpc.is_model_ready("twin") and not http.is_model_ready("absent")
     meta = http.get_model_metadata("tiny")
     shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
-    assert shapes["logits"] == [-1, -1, TINY.vocab_size] and shapes["embedding"] == [-1, 2 * TINY.hidden_size]
+    assert shapes["logits"] == [-1, -1, CONFIG.vocab_size] and shapes["embedding"] == [-1, 2 * CONFIG.hidden_size]
     assert {i["name"] for i in meta["inputs"]} == {"input_ids", "attention_mask", "text"}
     assert [o.name for o in grpc.get_model_metadata("tiny").outputs] == [o["name"] for o in meta["outputs"]]
     config = http.get_model_config("tiny")
@@ -194,8 +195,8 @@ def _metrics(server) -> dict[str, float]:
 def test_concurrent_ragged_clients_each_get_their_own_result_and_metrics_move(server, reference) -> None:
     # lengths from three buckets, so requests can share forward passes
     rng = np.random.default_rng(5)
-    seqs = [rng.integers(0, TINY.vocab_size, int(rng.choice([rng.integers(17, 33), rng.integers(49, 65),
-                                                             rng.integers(97, 129)])), dtype=np.int64)
+    seqs = [rng.integers(0, CONFIG.vocab_size, int(rng.choice([rng.integers(17, 33), rng.integers(49, 65),
+                                                               rng.integers(97, 129)])), dtype=np.int64)
             for _ in range(48)]
     before = _metrics(server)
 

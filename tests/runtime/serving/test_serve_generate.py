@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import GenerationOptions, Session
-from serve_harness import wait_until
+from helpers.serving import wait_until
 
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n\nclass Path"]
 NEW = 12

@@ -8,22 +8,25 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import logging
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from serve_harness import TINY, ServerProcess, wait_until
+from helpers.cli import in_process, one_error_line, real_process
+from helpers.serving import SERVED_LM, ServerProcess, wait_until
 from tritonclient.utils import InferenceServerException
 
 from reformer_rt.runtime import Session
+from reformer_rt.runtime.artifacts import CACHE_ENV
 
+CONFIG = SERVED_LM.config
 LONG = 2048  # the tiny model's longest input: tens of milliseconds per forward pass on the CPU
 
 
@@ -59,7 +62,7 @@ def test_sigterm_during_load_drains_every_accepted_request(tiny_checkpoint) -> N
     get 503 (the client retries elsewhere); none is dropped, and the process exits 0."""
     reference = Session(tiny_checkpoint, backend="torch", device="cpu")
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, TINY.vocab_size, LONG - int(rng.integers(0, 64))) for _ in range(16)]
+    seqs = [rng.integers(0, CONFIG.vocab_size, LONG - int(rng.integers(0, 64))) for _ in range(16)]
     with ServerProcess(f"tiny={tiny_checkpoint}", "--backend", "torch", "--device", "cpu", "--no-batching") as server:
         port = server.ports["http"]
         with concurrent.futures.ThreadPoolExecutor(len(seqs)) as pool:
@@ -93,7 +96,7 @@ def patient_server(tiny_checkpoint):
 
 
 def test_full_queue_answers_503_with_retry_after(patient_server) -> None:
-    seq = np.arange(40) % TINY.vocab_size
+    seq = np.arange(40) % CONFIG.vocab_size
     port = patient_server.ports["http"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(_infer, port, seq) for _ in range(2)]
@@ -185,12 +188,17 @@ def test_restricted_header_and_tls(tiny_checkpoint, tmp_path) -> None:
     assert secret not in server.log
 
 
-def _serve_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reformer_rt.runtime.commands.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def package_logger() -> Iterator[None]:
+    """``serve`` points the package's logger at stderr for the rest of its process; in-process, only for the test."""
+    logger = logging.getLogger("reformer_rt")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate = handlers, propagate
+    logger.setLevel(level)
 
 
-@pytest.mark.parametrize("args,words", [
+STARTUP_MISTAKES = [
     (["/no/such/model"], "does not exist"),
     (["--config", "{config}"], "unknown keys ['http-port']"),
     (["--http-port", "70000"], "expected a port in 0..65535"),
@@ -201,14 +209,25 @@ def _serve_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["--ray", "--autoscale", "3:1"], "expected MIN:MAX"),
     (["--ray", "--max-replicas-per-node", "0"], "--max-replicas-per-node: got 0; expected >= 1"),
     (["--ray", "--no-batching"], "not supported"),
-])
-def test_startup_mistakes_exit_2_with_one_line(tmp_path, args, words) -> None:
+]
+
+
+@pytest.mark.parametrize("args,words", STARTUP_MISTAKES)
+def test_startup_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, capsys, package_logger, args, words) -> None:
+    """In process (a real one: ``test_a_startup_mistake_in_a_real_process``). Each mistake is found before a model
+    is opened: without models the demo is served, which the ``auto`` backend would first export to the cache."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     config = tmp_path / "serve.json"
     config.write_text(json.dumps({"http-port": 1}))
-    result = _serve_cli(*[a.format(config=config) for a in args])
+    result = in_process(["serve", *[a.format(config=config) for a in args]], capsys)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("reformer-rt serve: error:")
-    assert words in result.stderr and "Traceback" not in result.stderr
+    assert words in one_error_line("serve", result.stderr)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_startup_mistake_in_a_real_process() -> None:
+    result = real_process("serve", "/no/such/model", timeout=120)
+    assert result.returncode == 2 and "does not exist" in one_error_line("serve", result.stderr)
 
 
 def test_port_in_use_exits_2(tiny_checkpoint) -> None:
@@ -216,8 +235,8 @@ def test_port_in_use_exits_2(tiny_checkpoint) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _serve_cli(f"tiny={tiny_checkpoint}", "--backend", "torch", "--http-port", str(port),
-                            "--grpc-port", "0", "--metrics-port", "0")
+        result = real_process("serve", f"tiny={tiny_checkpoint}", "--backend", "torch", "--http-port", str(port),
+                              "--grpc-port", "0", "--metrics-port", "0", timeout=120)
     assert result.returncode == 2 and "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -232,12 +251,12 @@ def test_without_models_the_demo_is_served_and_sigint_stops_it(tmp_path) -> None
         assert server.wait(60) == 0
 
 
+@pytest.mark.slow
 def test_bench_serve_sweeps_both_modes_and_writes_its_report(tiny_checkpoint, tmp_path) -> None:
     """The benchmark command end to end on a tiny workload (its figures are not checked: benchmarks, not tests)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "reformer_rt.runtime.commands.cli", "bench", "serve", str(tiny_checkpoint), "--backend",
-         "torch", "--concurrency", "1,3", "--requests", "6", "--lengths", "20-200", "--overhead-length", "256",
-         "--overhead-repeat", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = real_process("bench", "serve", str(tiny_checkpoint), "--backend", "torch", "--concurrency", "1,3",
+                          "--requests", "6", "--lengths", "20-200", "--overhead-length", "256", "--overhead-repeat",
+                          "2", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "serve.json").read_text())["points"]
     assert [(r["mode"], r["concurrency"], r["ok"]) for r in rows] == [

@@ -23,7 +23,7 @@ import requests
 
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import GenerationOptions, Session
-from serve_harness import ServerProcess
+from helpers.serving import ServerProcess
 
 CAP = 16
 PROMPT = "def add(a, b):\n    return"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_harness import ragged_sequences
+from helpers.serving import ragged_sequences
 
 from reformer_rt.models import InputError
 from reformer_rt.runtime import Session

@@ -1,5 +1,5 @@
 """Helpers of the Ray tests (``test_ray.py`` on one node, ``test_ray_cluster.py`` on two): a hermetic loopback
-environment for a module's cluster, the tiny checkpoint, free loopback ports, plain HTTP/JSON requests that report
+environment for a module's cluster, free loopback ports, plain HTTP/JSON requests that report
 what a client would see, and ``reformer-rt serve --ray`` as a real subprocess read up to its ready line."""
 
 from __future__ import annotations
@@ -11,24 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
-
-from reformer_rt.models import ReformerConfig, ReformerLM
-from reformer_rt.models.tokenizer import ByteTokenizer
-
-#: Byte vocabulary, local and LSH layers, 2 hash rounds, chunk 16, up to 2048 tokens.
-CONFIG = ReformerConfig(
-    vocab_size=258, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
-    attn_layers=("local", "lsh", "local", "lsh"), axial_pos_shape=(32, 64), axial_pos_embds_dim=(8, 24),
-    max_position_embeddings=2048, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2,
-    num_buckets=(4, 8), hash_seed=5, is_decoder=True)
 
 
 @contextlib.contextmanager
@@ -56,18 +43,6 @@ def hermetic_ray() -> Iterator[None]:
             yield
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def tiny_checkpoint(directory: Path) -> Path:
-    """The tiny LM with every weight perturbed (so each one matters), saved with the byte tokenizer."""
-    torch.manual_seed(1)
-    model = ReformerLM(CONFIG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
 
 
 def free_port() -> int:
@@ -102,15 +77,6 @@ def call(url: str, seq: np.ndarray) -> tuple[int, Any, bytes]:
 
 def last_logits(body: bytes) -> np.ndarray:
     return np.array(json.loads(body)["outputs"][0]["data"], dtype=np.float32)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def start_serve_on_ray(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
