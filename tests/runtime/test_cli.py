@@ -54,8 +54,8 @@ def test_bad_arguments_exit_2_without_traceback(capsys, args, words: str, real: 
 
 
 def test_the_kernels_variable_is_read_once_where_the_command_starts(tmp_path) -> None:
-    env = {**os.environ, "REFORMER_RT_KERNELS": "fast"}
-    result = _cli("run", str(tmp_path / "missing"), "--ids", str(tmp_path / "ids.json"), env=env)
+    result = real_process("run", str(tmp_path / "missing"), "--ids", str(tmp_path / "ids.json"),
+                          env={"REFORMER_RT_KERNELS": "fast"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "REFORMER_RT_KERNELS: got 'fast'; expected 'triton' or 'reference'" in result.stderr
 
