@@ -5,6 +5,7 @@
     out.plan.padding_waste                             # how the call was batched
     session.run(seqs, outputs=["last_logits", "embedding"], top_k=5)  # derived outputs (``outputs.py``)
     vectors = session.embed(sequences, pooling="mean") # [N, 2*hidden]
+    session.score(text, window=4096, stride=2048).bits_per_character  # a corpus of any length (``scoring.py``)
 
 Contract (the batching rules are in ``batching.py``): a call takes N sequences and returns exactly one result
 per sequence, in order, padded with zeros to the longest; each sequence's result equals what the model gives
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
 from reformer_rt.models.heads import task_named
 
-from . import generation
+from . import generation, scoring
 from .artifacts import artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches
@@ -42,6 +43,7 @@ from .errors import BackendUnavailable
 from .hardware import resolve_device
 from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
 from .tensorrt_backend import plugin_registered
+from .tokenizers import Tokenizer
 
 log = logging.getLogger("reformer_rt")
 
@@ -259,6 +261,13 @@ class Session:
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:
         """One vector per sequence [N, 2*hidden]: mean over its tokens, or its last token's hidden state."""
         return self.run(sequences, attention_mask, outputs=["embedding"], pooling=pooling)["embedding"]
+
+    def score(self, source: str | Sequence[int] | np.ndarray, window: int | None = None, stride: int | None = None,
+              tokenizer: Tokenizer | None = None) -> scoring.ScoreResult:
+        """Mean negative log-likelihood of one text (tokenized by ``tokenizer``, default the model's) or sequence of
+        ids of any length, by the standard strided evaluation: windows of ``window`` tokens (default the maximum
+        length) every ``stride`` (default ``window``), each scoring what the previous one did not (``scoring.py``)."""
+        return scoring.score(self, source, window, stride, tokenizer)
 
     @property
     def max_sequence_length(self) -> int:

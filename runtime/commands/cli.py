@@ -28,6 +28,7 @@ COMMANDS = (
     "reformer_rt.runtime.commands.demo",
     "reformer_rt.runtime.commands.export",
     "reformer_rt.runtime.commands.run",
+    "reformer_rt.runtime.commands.score",
     "reformer_rt.runtime.commands.generate",
     "reformer_rt.runtime.commands.serve",
     "reformer_rt.runtime.bench.forward",
