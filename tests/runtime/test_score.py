@@ -1,9 +1,10 @@
 """``reformer-rt score`` and ``Session.score``: the strided evaluation equals transformers' loss on the same windows.
 
-The model is a small random transformers ``ReformerModelWithLMHead`` (enwik8-like: byte vocabulary, LSH in every
-layer, chunk 32, at most 512 positions). In eval mode transformers takes any length up to 512 (it pads to the chunk
-multiple itself, with a mask), so the windows here are deliberately not chunk multiples (300, 130) besides
-multiples (256), and the last window of each split is shorter than the others.
+The model is the test session's shared byte-level LM (``helpers/artifacts.py`` ``BYTE_LM``: local and LSH layers,
+chunk 8, at most 128 positions), read by transformers as a ``ReformerModelWithLMHead`` from its checkpoint and by us
+from its shared portable export. In eval mode transformers takes any length up to 128 (it pads to the chunk multiple
+itself, with a mask), so the windows here are deliberately not chunk multiples (100, 40, 90) besides multiples
+(64), and the last window of each split is shorter than the others.
 """
 
 from __future__ import annotations
@@ -12,35 +13,34 @@ import io
 import json
 import math
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model
+from helpers.artifacts import BYTE_LM, Artifacts
+from helpers.cli import real_process
+from helpers.hf_models import make_hf_model
 
-from reformer_rt.export import export_onnx
 from reformer_rt.models import InputError
 from reformer_rt.models.tokenizer import ByteTokenizer
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.commands import cli
 from reformer_rt.runtime.scoring import Window, plan_windows
 
-TOKENS = 1000  # about twice the model's 512 positions: windows are needed
+TOKENS = 300  # over twice the model's 128 positions: windows are needed
+POSITIONS = BYTE_LM.config.max_position_embeddings
 TOL = 1e-4  # on the mean NLL (nats per token)
 
 
 @pytest.fixture(scope="module")
-def hf_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, Path]:
-    """(transformers model, its save_pretrained directory, its portable ONNX export)."""
-    model = make_hf_model("enwik8_like")
-    root = tmp_path_factory.mktemp("score")
-    model.save_pretrained(root / "hf")
-    export_onnx(root / "hf", root / "model.onnx", attention="portable", validate=False, log=None)
-    return model, root / "hf", root / "model.onnx"
+def hf_model(artifacts: Artifacts) -> tuple[torch.nn.Module, Path, Path]:
+    """(transformers' model of the session's shared byte-level LM, its checkpoint, its shared portable export)."""
+    transformers = pytest.importorskip("transformers")
+    directory = artifacts.checkpoint(BYTE_LM)
+    model = transformers.ReformerModelWithLMHead.from_pretrained(directory).eval()
+    return model, directory, artifacts.export(BYTE_LM)
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +82,18 @@ def _score_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("window,stride", [(None, None), (256, 256), (300, 130)],
+@pytest.mark.parametrize("window,stride", [(None, None), (64, 64), (100, 40)],
                          ids=["one-pass", "no-overlap", "overlap"])
 def test_cli_equals_transformers_loss_on_the_same_windows(hf_model, ids, tmp_path, capsys, window, stride) -> None:
     model, _, onnx_file = hf_model
-    data = ids[:400] if window is None else ids  # one pass: the file fits the model's 512 positions
+    data = ids[:100] if window is None else ids  # one pass: the file fits the model's positions
     (tmp_path / "ids.json").write_text(json.dumps(data))
     options = [] if window is None else ["--window", str(window), "--stride", str(stride)]
     got = _score_json(capsys, str(onnx_file), "--ids", str(tmp_path / "ids.json"), *options)
-    nll, scored, windows = transformers_nll(model, data, window or 512, stride or window or 512)
+    nll, scored, windows = transformers_nll(model, data, window or POSITIONS, stride or window or POSITIONS)
     assert (got["scored_tokens"], got["windows"], got["backend"]) == (scored, windows, "onnxruntime")
     assert abs(got["nll"] - nll) <= TOL, (got["nll"], nll)
-    assert got["window"] == (window or 512) and got["stride"] == (stride or window or 512)
+    assert got["window"] == (window or POSITIONS) and got["stride"] == (stride or window or POSITIONS)
     assert math.isclose(got["perplexity"], math.exp(got["nll"])) and got["characters"] is None
     assert math.isclose(got["bits_per_token"], got["nll"] / math.log(2))
     assert math.isclose(got["bits_per_byte"], got["bits_per_token"])  # byte vocabulary, no reserved ids given
@@ -101,18 +101,18 @@ def test_cli_equals_transformers_loss_on_the_same_windows(hf_model, ids, tmp_pat
 
 def test_torch_backend_and_batched_windows_agree(hf_model, ids) -> None:
     model, directory, _ = hf_model
-    nll, scored, _ = transformers_nll(model, ids, 300, 130)
-    for budget in (300, 1 << 17):  # one window per forward pass, or all full windows in one
-        result = Session(directory, backend="torch", max_tokens_per_batch=budget).score(ids, window=300, stride=130)
+    nll, scored, _ = transformers_nll(model, ids, 100, 40)
+    for budget in (104, 1 << 17):  # one window per forward pass, or all full windows in one
+        result = Session(directory, backend="torch", max_tokens_per_batch=budget).score(ids, window=100, stride=40)
         assert result.scored_tokens == scored and abs(result.nll - nll) <= TOL
 
 
 def test_text_is_tokenized_by_the_model_and_counted_in_characters(hf_model, ids) -> None:
     _, directory, _ = hf_model
     session = Session(directory, backend="torch")
-    text = "Grüße aus Köln -- " * 30  # non-ASCII: more bytes (byte tokens) than characters
-    from_text = session.score(text, window=256, stride=128)
-    from_ids = session.score([b + 2 for b in text.encode()], window=256, stride=128)
+    text = "Grüße aus Köln -- " * 12  # non-ASCII: more bytes (byte tokens) than characters
+    from_text = session.score(text, window=96, stride=48)
+    from_ids = session.score([b + 2 for b in text.encode()], window=96, stride=48)
     assert from_text.nll == from_ids.nll and from_text.tokens == len(text.encode())
     assert (from_text.characters, from_text.bytes) == (len(text), len(text.encode()))
     assert math.isclose(from_text.bits_per_character, from_text.bits_per_token * len(text.encode()) / len(text))
@@ -121,12 +121,12 @@ def test_text_is_tokenized_by_the_model_and_counted_in_characters(hf_model, ids)
 
 def test_stdin_and_a_named_tokenizer(hf_model, tmp_path, capsys, monkeypatch) -> None:
     _, _, onnx_file = hf_model
-    text = "def parse(line):\n    return line.split()\n" * 8
+    text = "def parse(line):\n    return line.split()\n" * 4
     ByteTokenizer().save(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
-    from_stdin = _score_json(capsys, str(onnx_file), "-", "--tokenizer", str(tmp_path), "--window", "128")
+    from_stdin = _score_json(capsys, str(onnx_file), "-", "--tokenizer", str(tmp_path), "--window", "90")
     (tmp_path / "ids.json").write_text(json.dumps(ByteTokenizer().encode(text)))
-    from_ids = _score_json(capsys, str(onnx_file), "--ids", str(tmp_path / "ids.json"), "--window", "128")
+    from_ids = _score_json(capsys, str(onnx_file), "--ids", str(tmp_path / "ids.json"), "--window", "90")
     assert from_stdin["nll"] == from_ids["nll"] and from_stdin["characters"] == len(text)
     assert from_stdin["bits_per_character"] == from_stdin["bits_per_byte"]  # ASCII: one byte a character
 
@@ -162,25 +162,19 @@ def test_bad_input_is_one_line_and_exit_2(hf_model, tmp_path, capsys, monkeypatc
     assert err.startswith("reformer-rt score: error: ") and err.count("\n") == 1 and words in err, err
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("reformer-rt")
-    command = [exe] if exe else [sys.executable, "-m", "reformer_rt.runtime.commands.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=600)
-
-
 def test_as_a_process_json_output_file_and_exit_codes(hf_model, ids, tmp_path) -> None:
     model, _, onnx_file = hf_model
     np.save(tmp_path / "ids.npy", np.array(ids, dtype=np.int32))
-    done = _cli("score", str(onnx_file), "--ids", str(tmp_path / "ids.npy"), "--window", "256", "--stride", "128",
+    done = real_process("score", str(onnx_file), "--ids", str(tmp_path / "ids.npy"), "--window", "64", "--stride", "32",
                 "-o", str(tmp_path / "out.json"))
     assert done.returncode == 0, done.stderr
     written = json.loads((tmp_path / "out.json").read_text())
     assert f"{written['bits_per_token']:.4f} bits/token" in done.stdout and "Traceback" not in done.stderr
-    assert abs(written["nll"] - transformers_nll(model, ids, 256, 128)[0]) <= TOL
+    assert abs(written["nll"] - transformers_nll(model, ids, 64, 32)[0]) <= TOL
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "out.json"]  # no temporary file left
-    refused = _cli("score", str(onnx_file), "--ids", str(tmp_path / "ids.npy"), "--window", "1024")
+    refused = real_process("score", str(onnx_file), "--ids", str(tmp_path / "ids.npy"), "--window", "1024")
     assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
-    assert refused.stderr.count("\n") == 1 and "window 1024: expected" in refused.stderr and "512" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "window 1024: expected" in refused.stderr and "128" in refused.stderr
 
 
 def test_demo_model_reproduces_its_held_out_figure() -> None:
