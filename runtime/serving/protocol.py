@@ -191,7 +191,7 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.n
 
 def _from_raw(raw: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
     count = _elements(shape)
-    if dtype == object:
+    if dtype.kind == "O":  # BYTES
         return deserialize_bytes(raw, count, name).reshape(shape)
     if len(raw) != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: {len(raw)} bytes of data; expected {count * dtype.itemsize} "
@@ -217,7 +217,7 @@ def _json_tensor(entry: Any, dtype: np.dtype, shape: tuple[int, ...], name: str)
     if not isinstance(data, list):  # the protocol's tensor_data is always an array (nested or flat)
         raise BadRequest(f"input {name!r}: 'data' is {json.dumps(data)[:40]}; expected a list of values")
     try:
-        if dtype == object:
+        if dtype.kind == "O":
             flat = np.array([d.encode() if isinstance(d, str) else d for d in np.asarray(data, dtype=object)
                              .reshape(-1)], dtype=object)
             if not all(isinstance(d, bytes) for d in flat):
@@ -368,7 +368,7 @@ def decode_grpc_request(message: Any) -> InferRequest:
         if len(values) != _elements(shape):
             raise BadRequest(f"input {name!r}: {len(values)} values for shape {list(shape)}; expected "
                              f"{_elements(shape)}")
-        if dtype == object:
+        if dtype.kind == "O":
             array = np.empty(len(values), dtype=object)
             array[:] = values
         else:

@@ -168,8 +168,9 @@ VALID_INFER = {"id": "a", "parameters": {"top_k": 3},
                "outputs": [{"name": "last_logits", "parameters": {"binary_data": False}}]}
 VALID_GENERATE = {"text_input": "def f", "parameters": {"max_tokens": 2, "temperature": 1.0, "top_p": 1.0,
                                                         "stop": ["\n"], "details": True}}
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
-                        st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3),
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+                        st.lists(st.integers(0, 3), max_size=3),
                         st.dictionaries(st.text(max_size=4), st.integers(0, 3), max_size=2))
 
 
