@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 GPU_PYTHON ?= python3
 OUT ?= gpu-check-out
 
-.PHONY: demo test test-all fuzz gpu-check triton-check clean-venv
+.PHONY: demo test test-slow test-all fuzz gpu-check triton-check clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,13 @@ $(VENV)/.test: pyproject.toml $(VENV)/.core
 demo: $(VENV)/.core
 	$(BIN)/reformer-rt demo
 
-# `make test`: every test but the `slow` ones (deselected, not skipped) -- about 8 minutes on 2 shared cores.
-# `make test-all`: all of them, as CI runs them (.ci/run) -- about 18 minutes on 2 shared cores, install aside.
+# `make test`: every test but the `slow` ones (deselected, not skipped). `make test-slow`: only those.
+# `make test-all`: all of them. CI (.ci/run) runs make test, make triton-check, then make test-slow.
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: $(VENV)/.test
 	$(BIN)/python -m pytest -q
