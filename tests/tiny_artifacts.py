@@ -1,6 +1,7 @@
-"""A tiny byte-level Reformer LM and its portable ONNX export, made once per test session and shared by the
-hardening and fuzz tests (``tiny_checkpoint(root)`` / ``tiny_export(root)`` with ``root`` the session's base
-temporary directory): vocabulary 258 (the byte tokenizer), local + LSH layers, chunk 8, at most 128 tokens."""
+"""A tiny byte-level Reformer LM and its portable ONNX exports, made once per test session and shared by the
+hardening, fuzz and int8 tests (``tiny_checkpoint(root)`` / ``tiny_export(root)`` / ``tiny_int8_export(root)`` with
+``root`` the session's base temporary directory): vocabulary 258 (the byte tokenizer), local + LSH layers, chunk 8,
+at most 128 tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from reformer_rt.export import export_onnx
+from reformer_rt.export import ExportReport, export_onnx
 from reformer_rt.models import ReformerConfig, ReformerLM
 
 CONFIG = ReformerConfig(vocab_size=258, hidden_size=16, num_attention_heads=2, attention_head_size=8,
@@ -32,3 +33,13 @@ def tiny_export(root: Path) -> Path:
     path = root / "tiny-portable.onnx"
     export_onnx(tiny_checkpoint(root), path, attention="portable", validate=False, log=None)
     return path
+
+
+@functools.cache
+def tiny_int8_report(root: Path) -> ExportReport:
+    """The tiny checkpoint exported with int8 weight products, validated (float graph, then task metrics on text)."""
+    return export_onnx(tiny_checkpoint(root), root / "tiny-int8.onnx", attention="portable", quantize="int8", log=None)
+
+
+def tiny_int8_export(root: Path) -> Path:
+    return tiny_int8_report(root).path
