@@ -10,14 +10,16 @@ LSH hashing path the ``Quantization`` keeps in float:
    activations quantized to uint8 per tensor when the graph runs. It writes standard ops (``DynamicQuantizeLinear``,
    ``MatMulInteger``, ``Cast``, ``Mul``), so the file stays portable; ONNX Runtime's CPU provider fuses each group
    into one int8 kernel when it loads the file.
-3. When the rotation products are to be quantized too (``fp32`` without "rotations"), a second pass quantizes them
-   with one scale per tensor: their weight is 3-D ([H, D, n_hashes * rot/2]) and ONNX Runtime's fused int8 kernel
-   rejects per-channel zero points for it at run time.
+3. When the rotation products are to be quantized too (``fp32`` without "rotations"), their weight is first made an
+   initializer of its own where the tracer left it a ``Reshape`` of the rotations buffer inside the hashed branch
+   (the tool quantizes constant weights only), then a second pass quantizes them with one scale per tensor: the
+   weight is 3-D ([H, D, n_hashes * rot/2]) and ONNX Runtime's fused int8 kernel rejects per-channel zero points for
+   it at run time.
 
 Which nodes are the hashing parts is read from the tracer's node metadata (``hashing_nodes``, called before the
 exporter strips it): the shared query/key projection of each LSH layer is the ``MatMul`` the tracer scoped to a
-module named ``...self_attention.query_key``; the rotation product is the one ``MatMul`` with a constant weight
-inside each LSH layer's hashed branch.
+module named ``...self_attention.query_key``; the rotation product is the one ``MatMul`` inside each LSH layer's
+hashed branch whose weight is a constant -- the rotations buffer, or a ``Reshape`` of it.
 
 Known limits: weights only (no calibration; static quantization of activations was not adopted, see README "int8");
 the attention's own products (scores, weighted values) have no constant operand and stay float, as do layer norms
@@ -52,20 +54,52 @@ _LARGE_BYTES = 2**31 - 2**24  # over this the tool must write external data
 def hashing_nodes(proto: onnx.ModelProto, config: ReformerConfig) -> dict[str, tuple[str, ...]]:
     """The names of each ``HASHING_PARTS`` part's weight-product nodes in a traced portable graph (its node
     metadata still present): one per LSH layer and part."""
-    weights = {init.name for init in proto.graph.initializer}
+    weights = {init.name: init for init in proto.graph.initializer}
     rotations, query_key = [], []
     for node in proto.graph.node:
         if node.op_type in ("MatMul", "Gemm") and _module_of(node).endswith(_QUERY_KEY_MODULE):
             query_key.append(node.name)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                rotations += [n.name for n in all_nodes(attr.g) if n.op_type == "MatMul" and n.input[1] in weights]
+                rotations += [n.name for n in all_nodes(attr.g)
+                              if n.op_type == "MatMul" and _constant_weight(n, attr.g, weights) is not None]
     layers = config.attn_layers.count("lsh")
     found = {"rotations": tuple(rotations), "query_key": tuple(query_key)}
     if any(len(names) != layers for names in found.values()):
         raise RuntimeError(f"exporter bug: found {({k: len(v) for k, v in found.items()})} hashing products in the "
                            f"traced graph; expected {layers} of each (one per LSH layer)")
     return found
+
+
+def _constant_weight(node: onnx.NodeProto, branch: onnx.GraphProto,
+                     weights: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The value of ``node``'s second input when it is a constant: an initializer of the outer graph, or a
+    ``Reshape`` in ``branch`` of one to a constant shape (None otherwise)."""
+    if node.input[1] in weights:
+        return numpy_helper.to_array(weights[node.input[1]])
+    reshape = next((n for n in branch.node if node.input[1] in n.output and n.op_type == "Reshape"), None)
+    if reshape is None or reshape.input[0] not in weights or reshape.input[1] not in weights:
+        return None
+    value = numpy_helper.to_array(weights[reshape.input[0]])
+    shape = [dim or value.shape[axis] for axis, dim in enumerate(numpy_helper.to_array(weights[reshape.input[1]]))]
+    return value.reshape(shape)  # ONNX Reshape: 0 copies the input's dimension, -1 is inferred
+
+
+def fold_rotation_weights(proto: onnx.ModelProto, rotations: tuple[str, ...]) -> None:
+    """Give each rotation product (by node name) its weight as an initializer of its own, in place, where the tracer
+    left it a ``Reshape`` inside the hashed branch: ONNX Runtime's quantizer takes constant weights only."""
+    weights = {init.name: init for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            for inner in all_nodes(attr.g):
+                if inner.name in rotations and inner.input[1] not in weights:
+                    value = _constant_weight(inner, attr.g, weights)
+                    assert value is not None, f"{inner.name}: its weight is not a constant"
+                    name = f"{inner.name}__weight"
+                    proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+                    inner.input[1] = name
 
 
 def _module_of(node: onnx.NodeProto) -> str:
@@ -88,6 +122,8 @@ def quantize_int8(proto: onnx.ModelProto, hashing: dict[str, tuple[str, ...]], q
         raise ExportError("quantize: needs onnxruntime's quantization tools; pip install onnxruntime") from exc
     proto = onnx.ModelProto.FromString(proto.SerializeToString())  # the caller's float graph stays as it was
     gemms_as_matmuls(proto.graph)
+    if "rotations" not in quantization.fp32:
+        fold_rotation_weights(proto, hashing["rotations"])
     kept = [name for part in quantization.fp32 for name in hashing[part]]
     large = proto.ByteSize() > _LARGE_BYTES
     source, target = workdir / "float.onnx", workdir / "int8.onnx"

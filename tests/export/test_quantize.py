@@ -25,7 +25,7 @@ from reformer_rt.export import (
 )
 from reformer_rt.export.metadata import HASHING_PARTS, all_nodes
 from reformer_rt.export.quality import graph_forward, torch_forward
-from reformer_rt.export.quantize import gemms_as_matmuls
+from reformer_rt.export.quantize import gemms_as_matmuls, hashing_nodes, quantize_int8
 from reformer_rt.models import InputError, ReformerModel
 from reformer_rt.runtime.commands import cli
 
@@ -162,3 +162,41 @@ def test_graph_bucket_ids_equal_the_models_in_float(root: Path) -> None:
     assert len(buckets) == len(ref_buckets) == 1 and buckets[0].shape == (2, 2, 1, 64)
     np.testing.assert_array_equal(buckets[0], ref_buckets[0])
     assert np.abs(logits - ref_logits).max() < 1e-4
+
+
+def test_a_rotation_weight_left_as_a_reshape_is_found_and_quantized(tmp_path: Path) -> None:
+    """Larger rotation buffers reach the hashed branch as ``Reshape(rotations, shape)`` (the tracer folds small ones
+    only): the rotation product is still found, and quantized when asked, from a weight folded out of the Reshape."""
+    rng = np.random.default_rng(0)
+    rotations, query_key = rng.standard_normal((4, 1, 3)).astype(np.float32), rng.standard_normal((4, 4))
+    hashed = helper.make_graph(
+        [helper.make_node("Reshape", ["rotations", "shape"], ["rotation_matrix"], name="reshape"),
+         helper.make_node("MatMul", ["qk", "rotation_matrix"], ["rotated"], name="rotate")], "hashed", [],
+        [helper.make_tensor_value_info("rotated", TensorProto.FLOAT, [None, 3])])
+    short = helper.make_graph([helper.make_node("Slice", ["qk", "starts", "ends", "axes"], ["cut"], name="cut")],
+                              "short", [], [helper.make_tensor_value_info("cut", TensorProto.FLOAT, [None, 3])])
+    projection = helper.make_node("MatMul", ["x", "w_qk"], ["qk"], name="project")
+    projection.metadata_props.add(key="pkg.torch.onnx.name_scopes",
+                                  value="['', 'model.layers.1.attention.self_attention.query_key', 'linear']")
+    graph = helper.make_graph(
+        [projection, helper.make_node("If", ["short_path"], ["out"], then_branch=short, else_branch=hashed)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4]),
+         helper.make_tensor_value_info("short_path", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(rotations, "rotations"), numpy_helper.from_array(np.array([4, 3]), "shape"),
+         numpy_helper.from_array(query_key.astype(np.float32), "w_qk"),
+         *(numpy_helper.from_array(np.array([v]), n) for n, v in (("starts", 0), ("ends", 3), ("axes", 1)))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    hashing = hashing_nodes(model, CONFIG)
+    assert hashing == {"rotations": ("rotate",), "query_key": ("project",)}
+    quantized, record = quantize_int8(model, hashing, Quantization("int8", ()), tmp_path)
+    branch = next(a.g for node in quantized.graph.node if node.op_type == "If" for a in node.attribute
+                  if a.name == "else_branch")
+    inner = [node.op_type for node in branch.node]
+    assert record.products == 2 and "MatMulInteger" in inner
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    feeds = {"x": x, "short_path": np.array(False)}
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    got = ort.InferenceSession(quantized.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, x @ query_key.astype(np.float32) @ rotations.reshape(4, 3), atol=0.2)
+    np.testing.assert_allclose(want, x @ query_key.astype(np.float32) @ rotations.reshape(4, 3), rtol=1e-5, atol=1e-5)
