@@ -2,15 +2,16 @@
 
 Keys (prefix ``reformer_rt.``): ``config`` (the resolved model config as JSON, transformers field names),
 ``op_contract_version``, ``hash_seed``, ``num_buckets`` (JSON: an int or a list of factors), ``export_options``
-(JSON: attention, dtype, opset, max_length, padding rule, output name), ``package_version``, and ``sha256`` (the
+(JSON: attention, dtype, opset, max_length, padding rule, output name, and ``quantize``: null for a float graph, else
+the ``Quantization`` record), ``package_version``, and ``sha256`` (the
 file's own fingerprint: sha256 of the serialized model without that entry; ``seal`` adds it, so a file damaged
 or edited after export is refused instead of computing wrong numbers -- not recorded for graphs over 2 GB, whose
 weights live in external data). The runtime reads
 these instead of guessing: ``read_metadata`` is the one parser, ``export_metadata`` the one check that a file is a
 readable reformer-rt export whose metadata agrees with its graph (inputs, output and its width, opset, LSH nodes,
-max_length) and, when asked, in the LSH form the caller needs; ``export_info`` gives the same check's result as
-one typed ``ExportInfo``, and ``ExportInfo.parse`` reads metadata kept elsewhere (an engine's record). ``RUNS_ON``
-says which runtimes run each form.
+max_length, int8 products) and, when asked, in the LSH form the caller needs; ``export_info`` gives the same
+check's result as one typed ``ExportInfo``, and ``ExportInfo.parse`` reads metadata kept elsewhere (an engine's
+record). ``RUNS_ON`` says which runtimes run each form.
 
 The graph's inputs are named here once (``GRAPH_INPUTS``: int64 [batch, length]); its outputs are the task's
 (``reformer_rt.models.heads.TASKS``).
@@ -36,6 +37,8 @@ DIGEST_KEY = PREFIX + "sha256"
 PACKAGE = "reformer-rt"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 ATTENTION_FORMS = ("plugin", "portable")
+#: The op of a quantized weight product in an int8 export (ONNX Runtime's dynamic quantization writes it).
+QUANTIZED_PRODUCT = "MatMulInteger"
 #: What each LSH form is and who needs it, for the error that refuses a file in the other form.
 _FORMS = {
     "portable": ("standard ONNX ops, for ONNX Runtime", "ONNX Runtime needs the portable form: reformer-rt export "
@@ -52,6 +55,67 @@ RUNS_ON = {
 }
 
 
+#: Quantization schemes an export can be written with (``export/quantize.py``).
+QUANTIZE_SCHEMES = ("int8",)
+#: The parts of the LSH hashing path that can stay in float when the rest is quantized: each layer's rotation
+#: product (inside the hashed branch) and its shared query/key projection. Kept by default: measured on the demo
+#: model's held-out text, they move bucket ids when quantized at no measurable speed gain (README, "int8").
+HASHING_PARTS = ("rotations", "query_key")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How an export's weight products were quantized (``ExportInfo.quantization``; None for a float graph).
+
+    ``scheme`` "int8": ONNX Runtime's dynamic quantization -- int8 weights with one scale per output channel,
+    activations quantized to uint8 per tensor when the graph runs. ``fp32`` names the ``HASHING_PARTS`` left in
+    float; ``products`` counts the quantized weight products (``MatMulInteger`` nodes); ``tool`` is what wrote them.
+    """
+
+    scheme: str = "int8"
+    fp32: tuple[str, ...] = HASHING_PARTS
+    products: int = 0
+    tool: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANTIZE_SCHEMES:
+            raise InputError(f"quantize: got {self.scheme!r}; expected one of {QUANTIZE_SCHEMES}")
+        if isinstance(self.fp32, str) or set(self.fp32) - set(HASHING_PARTS):
+            raise InputError(f"quantize: parts kept in float: got {self.fp32!r}; expected a subset of {HASHING_PARTS}")
+        object.__setattr__(self, "fp32", tuple(p for p in HASHING_PARTS if p in self.fp32))  # one canonical order
+
+    @classmethod
+    def of(cls, value: str | Quantization | None) -> Quantization | None:
+        """A caller's ``quantize`` argument: None, a scheme name ("int8", with the default float parts) or a record."""
+        if value is None or isinstance(value, Quantization):
+            return value
+        if not isinstance(value, str):
+            raise InputError(f"quantize: got {type(value).__name__}; expected one of {QUANTIZE_SCHEMES}, a "
+                             "Quantization or None")
+        return cls(value)
+
+    def same_choice(self, other: Quantization | None) -> bool:
+        """Whether ``other`` asks for this scheme with the same parts in float (what a caller can choose)."""
+        return other is not None and (self.scheme, self.fp32) == (other.scheme, other.fp32)
+
+    def describe(self) -> str:
+        kept = ", ".join(self.fp32) or "nothing"
+        return f"{self.scheme} (weights per channel, activations per tensor at run time; float: {kept})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fp32": list(self.fp32)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Quantization | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("fp32"), list):
+            raise InputError(f"export_options.quantize: got {data!r}; expected null or an object with 'scheme' and "
+                             "'fp32'")
+        return cls(str(data.get("scheme")), tuple(data["fp32"]), int(data.get("products", 0)),
+                   str(data.get("tool", "")))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     attention: str
@@ -64,6 +128,7 @@ class ExportOptions:
     #: The model's task (``reformer_rt.models.heads.TASKS``) and every graph output, in order.
     task: str = "lm"
     output_names: tuple[str, ...] = ()
+    quantize: dict[str, Any] | None = None  # ``Quantization.to_json()``; None: a float graph
 
 
 #: What to do about metadata that is missing or malformed in an export (``ExportInfo.parse``'s default).
@@ -83,6 +148,7 @@ class ExportInfo:
     max_length: int  # the longest input the graph was exported for
     padding: str
     package_version: str  # of the reformer-rt that wrote it ("unknown" when it did not say)
+    quantization: Quantization | None = None  # None: float weights and products
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -102,10 +168,11 @@ class ExportInfo:
             task = recorded_task(options)
             attention, dtype, padding = (_text(options, key) for key in ("attention", "dtype", "padding"))
             opset, max_length = _integer(options, "opset"), _integer(options, "max_length")
+            quantization = Quantization.from_json(options.get("quantize"))  # absent before quantization existed
         except (ValueError, TypeError) as exc:  # ConfigError and InputError are ValueErrors
             raise InputError(f"{where}: {exc}; {fix}") from exc
         return cls(config, task, attention, dtype, opset, max_length, padding,
-                   str(metadata.get("package_version", "unknown")))
+                   str(metadata.get("package_version", "unknown")), quantization)
 
 
 def _keys(metadata: Any) -> str:
@@ -249,6 +316,17 @@ def recorded_task(options: dict[str, Any]) -> Task:
     return task
 
 
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node of ``graph`` and of the subgraphs (``If`` branches) inside it."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes.extend(all_nodes(attr.g))
+    return nodes
+
+
 def _disagreements(model: onnx.ModelProto, info: ExportInfo, primary: str) -> list[str]:
     """Each way the graph differs from what its metadata says, as 'metadata says X, graph has Y'."""
     graph = model.graph
@@ -275,6 +353,11 @@ def _disagreements(model: onnx.ModelProto, info: ExportInfo, primary: str) -> li
         expected = config.attn_layers.count("lsh") if form == "plugin" else 0
         if nodes != expected:
             found.append(f"attention: metadata says {form!r} ({expected} {OP_NAME} nodes), graph has {nodes}")
+    products = sum(n.op_type == QUANTIZED_PRODUCT for n in all_nodes(graph))
+    recorded = info.quantization.products if info.quantization is not None else 0
+    if products != recorded:
+        found.append(f"quantize: metadata says {recorded} int8 weight products, graph has {products} "
+                     f"{QUANTIZED_PRODUCT} nodes")
     if not 1 <= max_length <= config.max_position_embeddings:
         found.append(f"max_length: metadata says {max_length}, expected 1..{config.max_position_embeddings} "
                      "(max_position_embeddings)")

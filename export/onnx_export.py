@@ -3,9 +3,11 @@
 Steps: load the model (HF or reformer-rt checkpoint directory, or a model object) -> trace it with the chosen
 LSH lowering (``lowering.py``) -> float16 precision pass (``precision.py``) -> metadata (``metadata.py``) -> save
 into a temporary directory next to the target -> ``onnx.checker`` -> validate against PyTorch in ONNX Runtime
-(``validate.py``) -> move into place. Options and the output path are checked before any work. Any failure or
-interrupt removes the temporary files, so the target is either the complete new file or untouched. Graphs over
-2 GB are saved with external data (``<name>.data`` beside the file).
+(``validate.py``) -> move into place. With ``quantize="int8"`` (portable, float32 graphs of language models) the
+float graph is validated first, then its weight products are quantized (``quantize.py``) and the int8 graph is
+validated by task metrics on text instead of a largest difference (``quality.py``). Options and the output path
+are checked before any work. Any failure or interrupt removes the temporary files, so the target is either the
+complete new file or untouched. Graphs over 2 GB are saved with external data (``<name>.data`` beside the file).
 
 The default LSH form is ``portable``: it runs wherever ONNX Runtime does, so a first export always runs on the
 machine that made it; the ``plugin`` form is for TensorRT (``reformer-rt build``) and runs nowhere else.
@@ -36,6 +38,9 @@ from reformer_rt.models.lsh_op import ONNX_LOWERINGS
 from . import lowering, metadata, precision
 from . import validate as validation
 from .errors import ExportError, ValidationError
+from .metadata import Quantization
+from .quality import QualityCheck, QualityResult, check_quantized
+from .quantize import hashing_nodes, quantize_int8
 
 DEFAULT_OPSET = 18
 #: Opsets the exporter writes as asked: torch's ONNX exporter builds opset 18 and onnxscript's version converter
@@ -57,45 +62,69 @@ class ExportReport:
     size_bytes: int
     external_data: bool
     export_seconds: float
-    validation: validation.ValidationResult | None
+    validation: validation.ValidationResult | None  # of the float graph (before quantization, for an int8 export)
+    quantization: Quantization | None = None
+    quality: QualityResult | None = None  # the int8 graph's task metrics against the float model
 
     def summary(self) -> str:
-        line = (f"exported {self.path} ({self.attention}, {self.dtype}, opset {self.opset}, "
+        int8 = "" if self.quantization is None else (f", int8: {self.quantization.products} weight products, float: "
+                                                     f"{', '.join(self.quantization.fp32) or 'nothing'}")
+        line = (f"exported {self.path} ({self.attention}, {self.dtype}{int8}, opset {self.opset}, "
                 f"{self.size_bytes / 2**20:.2f} MiB, {self.export_seconds:.1f} s)")
         result = self.validation
         if result is None:
             return line + "; validation skipped"
         if not result.ran:
             return line + f"; validation not run: {result.note}"
-        return line + (f"; validated on {len(result.cases)} input shapes: max {result.metric} diff "
-                       f"{result.max_diff:.3g} (tolerance {result.tolerance:g})")
+        line += (f"; {'float graph ' if self.quantization else ''}validated on {len(result.cases)} input shapes: max "
+                 f"{result.metric} diff {result.max_diff:.3g} (tolerance {result.tolerance:g})")
+        return line + ("" if self.quality is None else f"; int8 graph: {self.quality.summary()}")
 
 
 def export_onnx(source: str | Path | nn.Module, path: str | Path, attention: str = DEFAULT_ATTENTION,
                 dtype: str = "float32", max_length: int | None = None, opset: int = DEFAULT_OPSET,
-                validate: bool = True, log: Callable[[str], None] | None = print) -> ExportReport:
-    """Export ``source`` to ``path`` (see the module docstring); returns what was written and measured."""
-    _check_options(attention, dtype, opset)
+                validate: bool = True, log: Callable[[str], None] | None = print,
+                quantize: str | Quantization | None = None, quality: QualityCheck = QualityCheck()) -> ExportReport:
+    """Export ``source`` to ``path`` (see the module docstring); returns what was written and measured.
+    ``quantize``: None (float), "int8" or a ``Quantization`` (which hashing parts stay float); ``quality``: the
+    text and the limit an int8 graph is validated with."""
+    quantization = Quantization.of(quantize)
+    _check_options(attention, dtype, opset, quantization)
     target = _check_target(Path(path))
     start = time.perf_counter()
     model = load_source(source, max_length)
+    if quantization is not None and task_of(model).name != "lm":
+        raise ExportError(f"quantize: got a {task_of(model).name} model; int8 export is for language models (its "
+                          "validation measures bits per token on text) -- export this model in float32")
     low, high = lowering.length_range(model, max_length)
     tmp = _temp_dir(target)
+    result = quality_result = None
     try:
         proto = lowering.trace(model, attention, dtype, high, opset)
         raise_if_stopped()  # the exporter retries a capture that an interrupt broke; do not finish its work
+        hashing = hashing_nodes(proto, model.config) if quantization is not None else {}  # before metadata goes
         lsh_nodes = _finish_graph(proto, model, attention, dtype, opset, high)
+        if quantization is not None:
+            if validate:  # the float graph first: an export fault must not pass as a quantization loss
+                result = _validate(proto, model, attention, dtype, (low, high), log)
+            (tmp / "quantize").mkdir()
+            proto, quantization = quantize_int8(proto, hashing, quantization, tmp / "quantize")
+            metadata.attach(proto, _metadata(model, attention, dtype, opset, high, quantization))
         external = proto.ByteSize() > EXTERNAL_DATA_BYTES
         if not external:  # one file: the bytes saved are the bytes fingerprinted
             metadata.seal(proto)
         model_file = _save(proto, tmp, target.name, external)
         onnx.checker.check_model(str(model_file))
-        result = _validate(proto, model, attention, dtype, (low, high), log) if validate else None
+        if validate and quantization is None:
+            result = _validate(proto, model, attention, dtype, (low, high), log)
+        elif validate:
+            quality_result = _check_quality(proto, model, quality, high)
         _move_into_place(model_file, target, external)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = ExportReport(target, attention, dtype, opset, lowering.output_names(model), high, lsh_nodes,
-                          _size(target, external), external, time.perf_counter() - start, result)
+                          _size(target, external), external, time.perf_counter() - start, result, quantization,
+                          quality_result)
     if log is not None:
         log(report.summary())
     return report
@@ -124,11 +153,15 @@ def load_source(source: str | Path | nn.Module, max_length: int | None = None) -
     return load_pretrained(directory, max_length)
 
 
-def _check_options(attention: str, dtype: str, opset: int) -> None:
+def _check_options(attention: str, dtype: str, opset: int, quantization: Quantization | None) -> None:
     if attention not in ONNX_LOWERINGS:
         raise ExportError(f"attention: got {attention!r}; expected one of {ONNX_LOWERINGS}")
     if dtype not in lowering.DTYPES:
         raise ExportError(f"dtype: got {dtype!r}; expected one of {tuple(lowering.DTYPES)}")
+    if quantization is not None and (attention, dtype) != ("portable", "float32"):
+        raise ExportError(f"quantize {quantization.scheme}: got attention={attention!r}, dtype={dtype!r}; int8 "
+                          "export quantizes the float32 portable graph (ONNX Runtime's tools): drop --attention "
+                          "plugin / --dtype float16, or export without --quantize")
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset: got {opset!r}; expected an int in [{MIN_OPSET}, {MAX_OPSET}], the opsets this "
                           f"exporter writes (default {DEFAULT_OPSET})")
@@ -176,11 +209,17 @@ def _finish_graph(proto: onnx.ModelProto, model: Reformer, attention: str, dtype
     if written != opset:
         raise ExportError(f"opset: asked for {opset}, but the installed torch exporter wrote opset {written}; "
                           f"export with --opset {written}")
+    metadata.attach(proto, _metadata(model, attention, dtype, opset, max_length, None))
+    return len(nodes)
+
+
+def _metadata(model: Reformer, attention: str, dtype: str, opset: int, max_length: int,
+              quantization: Quantization | None) -> dict[str, str]:
     task = task_of(model)
     options = metadata.ExportOptions(attention, dtype, opset, max_length, task.outputs[0], task=task.name,
-                                     output_names=task.outputs)
-    metadata.attach(proto, metadata.build(model.config, options))
-    return len(nodes)
+                                     output_names=task.outputs,
+                                     quantize=None if quantization is None else quantization.to_json())
+    return metadata.build(model.config, options)
 
 
 def _strip_trace_metadata(graph: onnx.GraphProto) -> None:
@@ -220,6 +259,16 @@ def _validate(proto: onnx.ModelProto, model: Reformer, attention: str, dtype: st
         raise ValidationError(f"validation: the exported graph differs from the PyTorch model by "
                               f"{result.max_diff:.3g} ({result.metric}); expected <= {result.tolerance:g}. "
                               f"Per input shape (max abs diff): {worst}. The output was not written")
+    return result
+
+
+def _check_quality(proto: onnx.ModelProto, model: Reformer, check: QualityCheck, max_length: int) -> QualityResult:
+    result = check_quantized(proto, model, check, max_length)  # reported by ExportReport.summary
+    if not result.passed:
+        raise ValidationError(f"validation: the int8 graph loses {result.comparison.increase:.4f} bits per token on "
+                              f"{result.source} ({result.comparison.describe()}); expected an increase <= "
+                              f"{result.limit:g} (--max-bpc-increase). Keep more of the model in float "
+                              "(--keep-float) or export float32. The output was not written")
     return result
 
 

@@ -3,8 +3,8 @@
 * ``artifact_kind``: a checkpoint directory, an ``.onnx`` export or a TensorRT engine.
 * ``cache_dir``: ``$REFORMER_RT_CACHE``, else ``~/.cache/reformer-rt`` (ONNX exports under ``onnx/``, engines under
   ``engines/``).
-* ``cached_export``: a checkpoint's ONNX export, made once and kept in the cache, keyed by the checkpoint's bytes
-  and the package version.
+* ``cached_export``: a checkpoint's ONNX export, made once and kept in the cache, keyed by the checkpoint's bytes,
+  the package version and the quantization (an int8 export is its own entry).
 * ``files_sha256`` / ``onnx_sha256``: content hashes that name cache entries.
 * ``write_files_atomic`` / ``write_atomic``: the one way the runtime writes files -- a set of files (``run -o
   x.npy`` writes ``x.npy`` and ``x.lengths.npy``) appears complete or not at all, with the user's umask; a failure
@@ -25,11 +25,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from reformer_rt.models import InputError
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.errors import os_error_hint, raise_if_stopped
+
+if TYPE_CHECKING:  # the export package is imported where it is used (this module is a leaf)
+    from reformer_rt.export.metadata import Quantization
 
 log = logging.getLogger("reformer_rt")
 
@@ -220,10 +223,14 @@ def _entry_intact(entry: Path, record: Path) -> bool:
         return False
 
 
-def cached_export(checkpoint: Path, attention: str = "portable", verbose: bool = False) -> Path:
-    """An ONNX export of ``checkpoint`` in the given LSH form, made once and kept in the cache directory.
+def cached_export(checkpoint: Path, attention: str = "portable", verbose: bool = False,
+                  quantization: Quantization | None = None) -> Path:
+    """An ONNX export of ``checkpoint`` in the given LSH form (and quantization), made once and kept in the cache
+    directory.
 
-    The cache key covers the checkpoint's files and the package version (a new exporter re-exports). The export
+    The cache key covers the checkpoint's files, the package version (a new exporter re-exports) and the
+    quantization asked for: the scheme and which parts stay float (``Quantization.to_json`` without what the tool
+    fills in). The export
     itself is atomic (``export_onnx`` writes through a temporary file), and its sha256 is recorded beside it
     (``<entry>.sha256``) and checked on every use: an entry that was damaged since, or whose record is missing,
     is exported again."""
@@ -231,16 +238,18 @@ def cached_export(checkpoint: Path, attention: str = "portable", verbose: bool =
     from reformer_rt.export.metadata import package_version
 
     files = sorted(f for f in checkpoint.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
-    digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}".encode()).hexdigest()
-    target = cache_dir() / "onnx" / f"{digest[:24]}-{attention}.onnx"
+    asked = "" if quantization is None else f":{quantization.scheme}:{','.join(quantization.fp32)}"
+    digest = hashlib.sha256(f"{package_version()}:{files_sha256(files)}{asked}".encode()).hexdigest()
+    suffix = "" if quantization is None else f"-{quantization.scheme}"
+    target = cache_dir() / "onnx" / f"{digest[:24]}-{attention}{suffix}.onnx"
     record = target.with_name(target.name + ".sha256")
     if _entry_intact(target, record):
         return target
     if target.exists():
         log.warning("reformer-rt: cached export %s does not match its recorded sha256; exporting it again", target)
     _writable_cache("onnx")
-    log.info("reformer-rt: exporting %s to %s (%s form, once)", checkpoint, target, attention)
-    export_onnx(checkpoint, target, attention=attention,
+    log.info("reformer-rt: exporting %s to %s (%s form%s, once)", checkpoint, target, attention, suffix)
+    export_onnx(checkpoint, target, attention=attention, quantize=quantization,
                 log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
     write_atomic(record, files_sha256(_entry_files(target)).encode(), label="cache")
     return target

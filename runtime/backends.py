@@ -10,11 +10,13 @@ bucketing and derived outputs (last-position logits, pooling, probabilities, ...
 
 * ``TorchBackend`` runs the PyTorch model (the LSH op uses the Triton kernels on CUDA; on CPU both attention
   layers run fused, ``models/fused.py``); it gives every raw output of its task's row -- the head's, any extra
-  ones, and the last hidden state -- from one forward pass. Kernels forced where it is made (``forced_kernels``,
+  ones, and the last hidden state -- from one forward pass. With a ``Quantization`` its Linear layers run in int8
+  on CPU (``quantize_linear_layers``). Kernels forced where it is made (``forced_kernels``,
   else ``REFORMER_RT_KERNELS``, read then) stay its own: the threads that run it later (a server's workers) run
   them too.
 * ``OnnxRuntimeBackend`` runs a portable-form ONNX file (CUDAExecutionProvider when onnxruntime-gpu is installed
-  and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with.
+  and a CUDA device is asked for, else CPU); it gives the outputs the file was exported with, in the precision it
+  was exported with (an int8 export says so in its metadata: ``quantization``).
 * The TensorRT backend lives in ``tensorrt_backend.py`` (imported only when asked for).
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -29,8 +32,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from reformer_rt.export.metadata import GRAPH_INPUTS
+from reformer_rt.export.metadata import GRAPH_INPUTS, Quantization
 from reformer_rt.models import InputError, Reformer, ReformerConfig, ReformerModel, task_of
+from reformer_rt.models.attention import LSHSelfAttention
 from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.lsh_op import KERNELS_ENV, forced_kernels, kernels_forced, parse_kernels
 from reformer_rt.models.modeling import FeedForward, LMHead
@@ -64,6 +68,7 @@ class Backend(Protocol):
     #: What cached decoding steps through (``generation.py``), or None: an exported graph has no decoding step
     #: (it would need every layer's cache as inputs and outputs).
     decoder: Decoder | None
+    quantization: Quantization | None  # how its weight products are quantized; None: float
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -115,14 +120,55 @@ def reuse_freed_memory() -> bool:
                ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
 
 
+#: torch's quantized engines for x86, in order of preference ("x86" dispatches to fbgemm and oneDNN by shape).
+QUANTIZED_ENGINES = ("x86", "fbgemm")
+
+
+def quantize_linear_layers(model: Reformer, quantization: Quantization) -> tuple[Reformer, Quantization]:
+    """``model`` (changed in place) with its Linear layers in int8, and ``quantization`` completed with the number
+    of layers quantized and the tool: torch's dynamic quantization (``torch.ao.quantization.
+    quantize_dynamic``; int8 weights with one scale per output channel, activations quantized per tensor at run
+    time; CPU only), on the x86 / fbgemm engine. The LSH layers' shared query/key projections stay float when
+    ``quantization.fp32`` names "query_key"; the hashing rotation product is a matmul, not a Linear layer, and
+    stays float here whatever is asked. Process-wide: sets torch's quantized engine.
+
+    torch 2.13 still ships ``torch.ao.quantization.quantize_dynamic`` but marks it deprecated in favour of torchao;
+    its warnings are silenced here (they would print on every Session)."""
+    engine = next((e for e in QUANTIZED_ENGINES if e in torch.backends.quantized.supported_engines), None)
+    if engine is None:
+        raise BackendUnavailable(f"quantize int8 on the torch backend: needs the x86 / fbgemm quantized engine; this "
+                                 f"torch has {torch.backends.quantized.supported_engines} -- use the onnxruntime "
+                                 "backend")
+    torch.backends.quantized.engine = engine
+    kept = {id(layer.query_key) for layer in model.modules() if isinstance(layer, LSHSelfAttention)} \
+        if "query_key" in quantization.fp32 else set()
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    layers = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and id(module) not in kept}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+    tool = f"torch.ao.quantization.quantize_dynamic {torch.__version__} ({engine})"
+    return quantized, dataclasses.replace(quantization, products=len(layers), tool=tool)
+
+
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Reformer, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, model: Reformer, device: str = "cpu", dtype: str = "float32",
+                 quantization: Quantization | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             reuse_freed_memory()
         self.model = model.to(self.device, getattr(torch, dtype)).eval()
+        if quantization is not None:
+            if self.device.type != "cpu" or dtype != "float32":
+                raise BackendUnavailable(f"quantize int8 on the torch backend: runs on CPU from float32 weights; got "
+                                         f"device {self.device}, dtype {dtype}")
+            self.model, quantization = quantize_linear_layers(self.model, quantization)
+        self.quantization = quantization
         for module in self.model.modules():
             if isinstance(module, (FeedForward, LMHead)) and module.chunk == 0:
                 module.chunk = FEED_FORWARD_CHUNK
@@ -133,7 +179,7 @@ class TorchBackend:
         self.decoder: Decoder | None = Decoder(self.model, self.kernels)
         self._task = task_of(model)
         self.task = self._task.name
-        self._body = model if isinstance(model, ReformerModel) else model.reformer
+        self._body = self.model if isinstance(self.model, ReformerModel) else self.model.reformer
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -165,6 +211,7 @@ class OnnxRuntimeBackend:
 
         info = export_info(path, attention="portable")
         self.config, self.task, self.max_length = info.config, info.task.name, info.max_length
+        self.quantization = info.quantization
         self._graph_outputs = {raw.name: raw.exported_name for raw in info.task.graph}  # raw -> graph name
         self._providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):

@@ -11,7 +11,9 @@ Within a length bucket, sequences are cut into micro-batches of at most ``max_to
 (at least one sequence each; ``DEFAULT_MAX_TOKENS`` unless the caller says otherwise), in input order. The plan is
 pure data; the Session executes it and returns exactly one result per input sequence, in input order. The server's
 scheduler forms its micro-batches across requests by the same rules (``bucket_length``, ``run_length``,
-``sequences_per_batch``, the same default budget).
+``sequences_per_batch``, the same default budget). An int8 session runs each sequence of a micro-batch in a pass of
+its own, at its ``run_length`` alone: dynamic quantization scales activations per tensor, batch-mates included
+(``session.py``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,14 @@ Backend choice (``backend="auto"``): TensorRT when a GPU, the ``tensorrt`` packa
 present; else PyTorch on CUDA (Triton kernels) for a checkpoint; else ONNX Runtime (a checkpoint is exported to
 a portable ONNX file once, into the cache directory). The choice and the reason are logged and kept in
 ``session.backend`` / ``session.backend_reason``.
+
+int8 on CPU (``quantize="int8"``, or a ``Quantization``): a checkpoint on the torch backend quantizes its Linear
+layers (``backends.quantize_linear_layers``); on ONNX Runtime it is exported once with int8 weight products
+(``cached_export``); an int8 ``.onnx`` file runs as it is, with or without the argument. ``session.quantization``
+says what runs (None: float). Dynamic quantization scales each activation tensor by its own largest value, so a
+batch-mate (and the padding it brings) would change a sequence's numbers: an int8 session runs one sequence per
+forward pass, each at the length it runs at alone, and decodes one prompt at a time -- the contract above holds
+exactly, at the price of batching, which buys no throughput on a CPU anyway.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from reformer_rt.export.metadata import Quantization
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
 from reformer_rt.models.heads import task_named
 
 from . import generation, scoring
 from .artifacts import artifact_kind, cached_export
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
-from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches
+from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches, run_length
 from .errors import BackendUnavailable
 from .hardware import resolve_device
 from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
@@ -85,7 +94,7 @@ class RunResult(Mapping[str, np.ndarray]):
 class Session:
     def __init__(self, path: str | Path, backend: str = "auto", device: str | None = None,
                  max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, threads: int = 0, progress: bool = False,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", quantize: str | Quantization | None = None) -> None:
         if backend not in BACKENDS:
             raise InputError(f"backend: got {backend!r}; expected one of {BACKENDS}")
         if dtype not in DTYPES:
@@ -107,7 +116,12 @@ class Session:
         if dtype != "float32" and name != "torch":
             raise InputError(f"dtype {dtype}: the {name} backend runs the precision its file was exported with; "
                              "export with --dtype float16 (then build), or open the checkpoint with backend='torch'")
+        quantization = Quantization.of(quantize)
+        if quantization is not None and (name == "tensorrt" or dtype != "float32"):
+            raise InputError(f"quantize {quantization.scheme}: got backend {name}, dtype {dtype}; int8 runs on the "
+                             "torch and onnxruntime backends (CPU) from float32 weights")
         self.dtype = dtype
+        self._quantize = quantization
         self._kind, self._threads = kind, threads
         self._backend: Backend = self._open(name, kind, threads)
         self._companion_backend: Backend | None = None  # see ``_companion``
@@ -126,7 +140,10 @@ class Session:
             if kind == "checkpoint" and self._backend.decoder is None else ()
         self.output_name: str = self.default_outputs[0]
         self.max_length: int = self._backend.max_length
-        log.info("reformer-rt: backend %s for %s (%s)", self.backend, self.path, self.backend_reason)
+        #: How the weight products that run are quantized (None: float).
+        self.quantization: Quantization | None = self._backend.quantization
+        log.info("reformer-rt: backend %s for %s (%s)%s", self.backend, self.path, self.backend_reason,
+                 "" if self.quantization is None else f", {self.quantization.describe()}")
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -157,7 +174,8 @@ class Session:
                          self.backend, ", ".join(self._companion_outputs) or "no other outputs")
                 if self._threads:
                     torch.set_num_threads(self._threads)
-                self._companion_backend = TorchBackend(_load_model(self.path), self.device, self.dtype)
+                self._companion_backend = TorchBackend(_load_model(self.path), self.device, self.dtype,
+                                                       self._quantize)
             return self._companion_backend
 
     # ------------------------------------------------------------------------------------------ backend choice
@@ -180,12 +198,19 @@ class Session:
                                          f"{self.path} (use backend='onnxruntime' or 'tensorrt')")
             if threads:
                 torch.set_num_threads(threads)
-            return TorchBackend(_load_model(self.path), self.device, self.dtype)
+            return TorchBackend(_load_model(self.path), self.device, self.dtype, self._quantize)
         if name == "onnxruntime":
             if kind == "engine":
                 raise BackendUnavailable(f"backend onnxruntime: {self.path} is a TensorRT engine")
-            onnx_path = self.path if kind == "onnx" else cached_export(self.path, verbose=self.progress)
-            return OnnxRuntimeBackend(onnx_path, self.device, threads)
+            onnx_path = self.path if kind == "onnx" else cached_export(self.path, verbose=self.progress,
+                                                                        quantization=self._quantize)
+            opened = OnnxRuntimeBackend(onnx_path, self.device, threads)
+            if self._quantize is not None and not self._quantize.same_choice(opened.quantization):
+                has = "float" if opened.quantization is None else opened.quantization.describe()
+                raise InputError(f"quantize: asked for {self._quantize.describe()}; {self.path} is {has} -- export "
+                                 "it again with reformer-rt export --quantize, or open it without quantize (an "
+                                 "export runs in the precision it was written with)")
+            return opened
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend.open(self.path, kind, self.device)
@@ -245,7 +270,10 @@ class Session:
     def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
         """ONE forward pass over checked sequences that share a micro-batch (``batching.py`` decides which and
         ``length``): each raw output in ``sources``, one array per sequence (per-position ones cut to its
-        length)."""
+        length). An int8 session runs each sequence alone instead (module docstring)."""
+        if self.quantization is not None and len(seqs) > 1:
+            parts = [self.run_batch([seq], run_length(self.config, [len(seq)]), sources) for seq in seqs]
+            return {name: [part[name][0] for part in parts] for name in sources}
         ids = np.zeros((len(seqs), length), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, seq in enumerate(seqs):
@@ -299,12 +327,18 @@ class Session:
         """New tokens for each prompt by cached decoding, batched (``generation.py``), on the backend when it decodes,
         else on the checkpoint's PyTorch model beside it (``_companion``)."""
         checked = self._prompts(prompts, options)
-        return generation.generate(self._companion(), checked, options, self.max_tokens_per_batch)
+        return generation.generate(self._companion(), checked, options, self._generation_budget)
 
     def generate_stream(self, prompts: Any, options: generation.GenerationOptions) -> Iterator[generation.TokenEvent]:
         """``generate`` as ``TokenEvent``s, each as soon as its token is chosen; everything is checked at the call."""
         checked = self._prompts(prompts, options)
-        return generation.generate_stream(self._companion(), checked, options, self.max_tokens_per_batch)
+        return generation.generate_stream(self._companion(), checked, options, self._generation_budget)
+
+    @property
+    def _generation_budget(self) -> int:
+        """Tokens per decoding batch: 1 puts every prompt of an int8 session in a batch of its own (module
+        docstring)."""
+        return 1 if self.quantization is not None else self.max_tokens_per_batch
 
     def _prompts(self, prompts: Any, options: object) -> list[np.ndarray]:
         """The prompts of a generation, checked once for either way of generating, once ``options`` is one object."""

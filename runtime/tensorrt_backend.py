@@ -62,6 +62,7 @@ def plugin_registered() -> bool:
 class TensorRTBackend:
     name = "tensorrt"
     decoder = None  # an engine has no decoding step
+    quantization = None  # engines are built from float exports
 
     def __init__(self, engine: bytes, record: dict[str, Any], device: str = "cuda") -> None:
         """Deserialize ``engine`` on ``device``; ``record`` is its build record (``engine_builder.make_record``)."""

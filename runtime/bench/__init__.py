@@ -2,6 +2,8 @@
 
 * ``forward.py`` -- ``reformer-rt bench``: forward passes per backend, length and batch, with the HF baseline;
 * ``generate.py`` -- ``reformer-rt bench generate``: cached decoding, ms per token, with the HF baseline;
+* ``accuracy.py`` -- ``reformer-rt bench accuracy``: what int8 costs on text (bits per token, top-1 and LSH bucket
+  agreement) per backend and quantization choice, against the float model;
 * ``serve.py`` -- ``reformer-rt bench serve``: a concurrency sweep against a KServe v2 server (started through
   ``server_process.py``, or one already running);
 * ``gpu.py`` -- the GPU benchmark of the kernels and models that ``make gpu-check`` runs, with its tables and

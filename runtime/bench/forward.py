@@ -3,8 +3,12 @@
 Each (backend, batch, length) point runs in a fresh worker process (``harness.measure_in_workers``), so its peak
 memory (``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own; the baseline -- HF
 transformers eager on the same weights, when transformers is installed -- runs in the same invocation, the same
-way. Timings are the median of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is
-``--arch`` with random weights: ``crime-and-punishment`` (6 layers local/LSH, d=256, 2 heads x 128, 1 hash round,
+way. Backends ``torch-int8`` and ``onnxruntime-int8`` run the same weights with int8 weight products (the torch
+backend's dynamic quantization; an int8 portable export, made once before timing); each int8 row is compared with
+its backend's float row of the same run (``vs fp32``: time and peak memory ratios); ``--keep-float`` chooses which
+parts of the LSH hashing path they keep float (default: both, as ``reformer-rt export --quantize int8``). Timings
+are the median of ``--repeat`` runs after one warm-up run. Without a MODEL argument the model is ``--arch`` with
+random weights: ``crime-and-punishment`` (6 layers local/LSH, d=256, 2 heads x 128, 1 hash round,
 chunk 64, axial 512 x 1024) or ``enwik8-like`` (6 layers local/LSH, d=512, 8 heads x 64, 4 hash rounds, chunk 128,
 buckets 32 x 32). ``--profile`` adds, for each ONNX Runtime point, one profiled run and its time per operator type.
 
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reformer_rt.export.metadata import HASHING_PARTS, Quantization
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.presets import ARCHITECTURES
@@ -43,18 +48,24 @@ if TYPE_CHECKING:  # numpy is imported where the work is, not at CLI start-up
 
 COMMAND, WHAT = "bench", "forward"
 PROFILE_TOP = 12  # operator types listed per profiled point
+INT8 = "-int8"  # the suffix of a backend run with int8 weight products
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch" + INT8, "onnxruntime" + INT8)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="latency / throughput / peak memory per backend, with the HF baseline "
                               "(reformer-rt bench serve: load a server)", description=__doc__.split("\n\n")[0],
-                              epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 server")
+                              epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 "
+                                     "server; reformer-rt bench accuracy --help: what int8 costs on text")
     p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: --arch with random weights)")
     p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {' or '.join(ARCHITECTURES)}")
     p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, tensorrt")
+    p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers baseline")
+    p.add_argument("--keep-float", default=",".join(HASHING_PARTS), metavar="PARTS",
+                   help=f"int8 backends: the parts of the LSH hashing path left float, from {', '.join(HASHING_PARTS)}"
+                        " or 'none' (default: both)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every backend (default: all)")
     p.add_argument("--profile", action="store_true", help="ONNX Runtime points: one more run, profiled; time per "
@@ -76,7 +87,8 @@ class ForwardSpec:
     threads: int
     profile: bool
     checkpoint: str
-    onnx: str | None  # the portable export, for the onnxruntime backend
+    onnx: str | None  # the portable export (int8 for onnxruntime-int8), for the onnxruntime backends
+    keep_float: tuple[str, ...] = ()  # int8 backends: the hashing parts left float
 
     def pending(self) -> Point:
         return Point(WHAT, self.backend, self.length, self.batch)
@@ -105,7 +117,7 @@ def _worker(spec: ForwardSpec) -> Point:
         if i:  # the first run is the warm-up
             times.append(time.perf_counter() - start)
     peak, memory = peak_memory(cuda)
-    profiled = spec.profile and spec.backend == "onnxruntime"
+    profiled = spec.profile and spec.backend.startswith("onnxruntime")
     details = {"profile": _profile(spec.onnx or spec.checkpoint, ids, spec.threads)} if profiled else {}
     return dataclasses.replace(spec.pending(), seconds=statistics.median(times), peak_bytes=peak, memory=memory,
                                details=details)
@@ -129,8 +141,12 @@ def _hf_step(checkpoint: str, ids: np.ndarray, cuda: bool) -> Callable[[], None]
 def _session_step(spec: ForwardSpec, ids: np.ndarray) -> Callable[[], None]:
     from ..session import Session
 
-    session = Session(spec.onnx or spec.checkpoint, backend=spec.backend, threads=spec.threads,
-                      max_tokens_per_batch=spec.batch * spec.length)
+    backend, int8 = spec.backend.removesuffix(INT8), spec.backend.endswith(INT8)
+    session = Session(spec.onnx or spec.checkpoint, backend=backend, threads=spec.threads,
+                      max_tokens_per_batch=spec.batch * spec.length,
+                      # an int8 export is int8 as it is
+                      quantize=Quantization("int8", spec.keep_float) if int8 and spec.onnx is None else None)
+    assert (session.quantization is not None) == int8, f"{spec.backend}: runs {session.quantization}"
     return lambda: session.run(ids)
 
 
@@ -168,17 +184,34 @@ def _profile(path: str, ids: np.ndarray, threads: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------ report
 def table(points: list[Point]) -> str:
-    """Markdown table; ``vs HF`` is the time ratio to the transformers row of the same batch and length."""
+    """Markdown table; ``vs HF`` is the time ratio to the transformers row of the same batch and length, ``vs fp32``
+    an int8 row's time and peak-memory ratios to its backend's float row (``int8_ratios``)."""
     base = {(p.batch, p.length): p.seconds for p in points if p.impl == "hf" and p.seconds is not None}
+    ratios = int8_ratios(points)
+    int8 = any(p.impl.endswith(INT8) for p in points)
     rows = []
     for p in points:
         if p.seconds is None or p.peak_bytes is None:
-            rows.append((p.impl, p.batch, f"{p.length:,}", f"failed: {p.error}", "", "", ""))
+            rows.append((p.impl, p.batch, f"{p.length:,}", f"failed: {p.error}", "", "", "", *([""] * int8)))
             continue
         ref = base.get((p.batch, p.length))
-        rows.append((p.impl, p.batch, f"{p.length:,}", f"{p.seconds:.3f}", f"{p.batch * p.length / p.seconds:,.0f}",
-                     f"{p.peak_bytes / 1e9:.2f}", f"{p.seconds / ref:.2f}x" if ref else "-"))
-    return markdown_table(("backend", "batch", "length", "time (s)", "tokens/s", "peak memory (GB)", "vs HF"), rows)
+        row = (p.impl, p.batch, f"{p.length:,}", f"{p.seconds:.3f}", f"{p.batch * p.length / p.seconds:,.0f}",
+               f"{p.peak_bytes / 1e9:.2f}", f"{p.seconds / ref:.2f}x" if ref else "-")
+        against = ratios.get((p.impl, p.batch, p.length))
+        rows.append((*row, *([f"{1 / against[0]:.2f}x faster, memory {against[1]:.2f}x" if against else "-"] * int8)))
+    header = ("backend", "batch", "length", "time (s)", "tokens/s", "peak memory (GB)", "vs HF")
+    return markdown_table((*header, *(["vs fp32"] * int8)), rows)
+
+
+def int8_ratios(points: list[Point]) -> dict[tuple[str, int, int], tuple[float, float]]:
+    """(int8 time / float time, int8 peak / float peak) per int8 point whose backend's float point ran alongside."""
+    measured = {(p.impl, p.batch, p.length): p for p in points if p.seconds is not None and p.peak_bytes is not None}
+    out = {}
+    for (impl, batch, length), p in measured.items():
+        float_point = measured.get((impl.removesuffix(INT8), batch, length))
+        if impl.endswith(INT8) and float_point is not None:
+            out[(impl, batch, length)] = (p.seconds / float_point.seconds, p.peak_bytes / float_point.peak_bytes)
+    return out
 
 
 def _batch1(points: list[Point]) -> dict[str, list[tuple[int, float]]]:
@@ -197,9 +230,9 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[int], list[int], li
     """(lengths, batches, backends), every argument checked before any work; creates ``--out``."""
     lengths, batches = parse_ints(args.lengths, "--lengths"), parse_ints(args.batches, "--batches")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - {"torch", "onnxruntime", "tensorrt"})
+    unknown = sorted(set(backends) - set(BACKENDS))
     if unknown or not backends:
-        raise InputError(f"--backends: got {args.backends!r}; expected torch, onnxruntime and/or tensorrt")
+        raise InputError(f"--backends: got {args.backends!r}; expected some of {', '.join(BACKENDS)}")
     if args.repeat < 1 or args.threads < 0:
         raise InputError(f"--repeat / --threads: got {args.repeat} / {args.threads}; expected --repeat >= 1 and "
                          "--threads >= 0 (0 = all cores)")
@@ -220,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return answer_worker(args.worker, ForwardSpec, _worker)
     lengths, batches, backends = _check_arguments(args)
+    words = args.keep_float.strip()
+    keep = () if words == "none" else tuple(part.strip() for part in words.split(",") if part.strip())
+    Quantization("int8", keep)  # checked before any work
     with tempfile.TemporaryDirectory(prefix="reformer-rt-bench-") as tmp:
         checkpoint = args.model or Path(tmp) / "model"
         if args.model is None:
@@ -227,14 +263,16 @@ def run(args: argparse.Namespace) -> int:
 
             torch.manual_seed(0)
             ReformerLM(ARCHITECTURES[args.arch]).save_pretrained(checkpoint)
-        onnx_path = None
-        if "onnxruntime" in backends:
-            from reformer_rt.export import export_onnx
+        exports = {}
+        for backend in ("onnxruntime", "onnxruntime" + INT8):
+            if backend in backends:
+                from reformer_rt.export import export_onnx
 
-            onnx_path = Path(tmp) / "model.onnx"
-            export_onnx(checkpoint, onnx_path, attention="portable", validate=False, log=None)
+                exports[backend] = str(Path(tmp) / f"{backend}.onnx")
+                export_onnx(checkpoint, exports[backend], attention="portable", validate=False, log=None,
+                            quantize=Quantization("int8", keep) if backend.endswith(INT8) else None)
         specs = [ForwardSpec(b, batch, length, args.repeat, args.threads, args.profile, str(checkpoint),
-                             str(onnx_path) if b == "onnxruntime" else None)
+                             exports.get(b), keep)
                  for batch in batches for length in lengths
                  for b in (["hf"] if args.hf and has_transformers() else []) + backends]
         points = measure_in_workers(COMMAND, specs, args.quiet)
@@ -245,7 +283,11 @@ def _report(args: argparse.Namespace, points: list[Point]) -> int:
     """bench.json and bench.png as one set; the table, the scaling and the profiles; the exit code."""
     provenance = Provenance.here()
     report = {**dataclasses.asdict(provenance), "model": str(args.model or f"random {args.arch} architecture"),
-              "rows": [p.to_json() for p in points], "time_ratio_longest_to_shortest": scaling(points)}
+              "rows": [p.to_json() for p in points], "time_ratio_longest_to_shortest": scaling(points),
+              "int8_keep_float": args.keep_float,
+              "int8_vs_fp32": [{"backend": impl, "batch": batch, "length": length, "time_ratio": ratios[0],
+                                "memory_ratio": ratios[1]}
+                               for (impl, batch, length), ratios in int8_ratios(points).items()]}
     files: dict[Path, bytes] = {args.out / "bench.json": json_bytes(report)}
     ran = any(p.seconds is not None for p in points)
     image = line_plot([Panel(_batch1(points), "sequence length (tokens)", "forward time (s), batch 1")],

@@ -39,7 +39,8 @@ COMMANDS = (
 
 #: Two-word commands whose first word is also a command of its own, -> the module providing the second word.
 NESTED = {("bench", "serve"): "reformer_rt.runtime.bench.serve",
-          ("bench", "generate"): "reformer_rt.runtime.bench.generate"}
+          ("bench", "generate"): "reformer_rt.runtime.bench.generate",
+          ("bench", "accuracy"): "reformer_rt.runtime.bench.accuracy"}
 #: OS errors that are the machine's answer, not a bug: reported like a ``ReformerError`` wherever they surface.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 

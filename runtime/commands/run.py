@@ -5,7 +5,7 @@ is one sequence, ``-`` reads stdin). Outputs: the model's own (an LM's logits, a
 end logits, a bare model's hidden states), or ``--embed``: ``-o OUT.npy`` (one padded output array;
 ``OUT.lengths.npy`` beside it), ``-o OUT.npz`` (every output and ``lengths`` by name: what a QA model needs),
 ``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON summary on
-stdout (backend, shapes, padding waste, and for language models the bits per token of the input).
+stdout (backend, quantization, shapes, padding waste, and for language models the bits per token of the input).
 The output files are written atomically as a set: a failed or interrupted run leaves neither file new (an old pair
 stays as it was), and the output path is checked before the model runs.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reformer_rt.export.metadata import QUANTIZE_SCHEMES
 from reformer_rt.models import InputError
 
 from ..artifacts import Payload, write_files_atomic
@@ -37,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="write outputs to OUT.npy, OUT.npz or OUT.json")
     p.add_argument("--embed", choices=("mean", "last"), help="write one embedding per sequence instead")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, help="a checkpoint on the torch or onnxruntime backend: "
+                   "int8 weight products (an int8 .onnx file runs in int8 without it)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--tokenizer", type=Path, help="directory holding the tokenizer (default: the model's)")
     p.add_argument("--max-tokens-per-batch", type=int, default=DEFAULT_MAX_TOKENS)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         _output_files(args.output, lengths=not args.embed)
     session = Session(args.model, backend=args.backend, device=args.device,
-                      max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
+                      max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet, quantize=args.quantize)
     sequences = _read_ids(args.ids) if args.ids else _read_texts(args.text, session, args.tokenizer)
     names = ["embedding"] if args.embed else list(session.default_outputs)
     if args.output is not None and args.output.suffix == ".npy" and len(names) > 1:
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     result = session.run(sequences, outputs=[*names, *scoring], pooling=args.embed or "mean")
     arrays = {name: result[name] for name in names}
     lengths = None if args.embed else result["lengths"]
-    summary = {"backend": session.backend, "output": names[0] if len(names) == 1 else names,
+    summary = {"backend": session.backend, "quantize": None if session.quantization is None else
+               session.quantization.scheme, "output": names[0] if len(names) == 1 else names,
                "shape": list(arrays[names[0]].shape), "padding_waste": round(result.plan.padding_waste, 4)}
     if lengths is not None:
         summary["lengths"] = lengths.tolist()

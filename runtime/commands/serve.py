@@ -5,10 +5,11 @@
     reformer-rt serve --config serve.json               # models and options from a JSON file
 
 A bare PATH is named by its directory name or file stem. The config file is a JSON object: ``models`` maps names to
-paths (or to objects with ``path``, ``backend``, ``device``, ``dtype``), and any option below may be given by its
-long name with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The server binds
-127.0.0.1 unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model is loaded and
-warmed up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the protocol details.
+paths (or to objects with ``path``, ``backend``, ``device``, ``dtype``, ``quantize``), and any option below may be
+given by its long name with underscores (``"max_queue_delay_us": 2000``); options on the command line win. The
+server binds 127.0.0.1 unless ``--host`` says otherwise, logs one line per startup fact, is ready once every model
+is loaded and warmed up, and drains on SIGTERM / SIGINT (exit 0). See ``reformer_rt.runtime.serving`` for the
+protocol details.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reformer_rt.export.metadata import QUANTIZE_SCHEMES
 from reformer_rt.models import InputError, ReformerError
 from reformer_rt.models.presets import demo_model_dir
 
@@ -43,6 +45,7 @@ OPTIONS: dict[str, tuple[Any, type]] = {
     "default_priority": (10, int), "batching": (True, bool), "max_body_mb": (64, int),
     "restricted_header": (None, str), "tls_cert": (None, str), "tls_key": (None, str),
     "drain_timeout_s": (300.0, float), "access_log": (False, bool), "max_new_tokens": (DEFAULT_MAX_NEW_TOKENS_CAP, int),
+    "quantize": (None, str),
 }
 
 
@@ -60,6 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="precision of the torch backend (default float32; float16 on a "
                    "GPU halves memory and time)")
+    p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, help="checkpoints on CPU: int8 weight products (torch: "
+                   "its Linear layers; onnxruntime: an int8 export, made once); an int8 .onnx file needs no flag")
     p.add_argument("--threads", type=int, help="CPU threads per model (default: all)")
     p.add_argument("--max-queue-delay-us", type=int, help="longest wait to fill a batch (default 0)")
     p.add_argument("--max-tokens-per-batch", type=int, help=f"padded tokens per forward pass (default "
@@ -167,7 +172,7 @@ def log_to_stderr() -> None:
 
 def session_defaults(config: dict[str, Any]) -> SessionDefaults:
     return SessionDefaults(config["backend"], config["device"], config["dtype"], config["threads"],
-                           config["max_tokens_per_batch"])
+                           config["max_tokens_per_batch"], config["quantize"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..session import Session
 
 #: Per-model fields a config file may set besides ``path``.
-SPEC_FIELDS = ("backend", "device", "dtype")
+SPEC_FIELDS = ("backend", "device", "dtype", "quantize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class SessionDefaults:
     dtype: str = "float32"
     threads: int = 0
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS
+    quantize: str | None = None  # "int8": checkpoints run with int8 weight products (int8 exports always do)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelSpec:
     backend: str | None = None
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -55,7 +57,7 @@ class ModelSpec:
     @classmethod
     def from_config(cls, name: str, value: Any, where: str = "models") -> ModelSpec:
         """A config file's entry: a path, or an object with ``path`` and optionally ``backend``, ``device``,
-        ``dtype``; ``where`` names the file or option in errors."""
+        ``dtype``, ``quantize``; ``where`` names the file or option in errors."""
         entry = {"path": value} if isinstance(value, str) else value
         valid = isinstance(entry, dict) and isinstance(entry.get("path"), str) \
             and not set(entry) - {"path", *SPEC_FIELDS} \
@@ -74,7 +76,7 @@ class ModelSpec:
 
         return Session(self.path, backend=self.backend or defaults.backend, device=self.device or defaults.device,
                        threads=defaults.threads, max_tokens_per_batch=defaults.max_tokens_per_batch,
-                       dtype=self.dtype or defaults.dtype)
+                       dtype=self.dtype or defaults.dtype, quantize=self.quantize or defaults.quantize)
 
 
 def model_specs(given: list[str], configured: Any, default: ModelSpec | None = None,

@@ -28,6 +28,7 @@ from .spec import ModelSpec
 T = TypeVar("T")
 ARTIFACT_PARAMETER = "reformer_rt_artifact"
 BACKEND_PARAMETER = "reformer_rt_backend"
+QUANTIZE_PARAMETER = "reformer_rt_quantize"  # "int8" for a checkpoint served in int8 (an int8 export needs none)
 INPUT_NAMES = ("input_ids", "attention_mask", "text")
 
 
@@ -81,7 +82,8 @@ class TritonPythonModel:
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
-        spec = ModelSpec(config["name"], str(artifact), parameters.get(BACKEND_PARAMETER, "auto"), device)
+        spec = ModelSpec(config["name"], str(artifact), parameters.get(BACKEND_PARAMETER, "auto"), device,
+                         quantize=parameters.get(QUANTIZE_PARAMETER) or None)
         model = ServedModel(spec.name, spec.open(), tokenizer_dir=artifact if artifact.is_dir() else None)
         self.runner = GatherRunner(model)
         self.service = ModelService(model, self.runner)

@@ -5,12 +5,15 @@ Two layouts (``--triton-backend``):
 * ``python`` (default; any artifact): ``NAME/config.pbtxt`` (backend "python", Triton's dynamic batcher collecting
   requests, ragged inputs allowed), ``NAME/1/model.py`` (``reformer_rt.runtime.serving.triton_python``: a Session
   over the artifact; batching by the length-bucket contract inside) and ``NAME/1/artifact`` (a copy of the
-  checkpoint directory, ONNX file or engine + record). Inputs, outputs, datatypes and dims are exactly those of
+  checkpoint directory, ONNX file or engine + record). An int8 export runs in int8 as it is; a checkpoint with
+  ``--quantize int8`` carries the parameter ``reformer_rt_quantize`` and its Session quantizes. Inputs, outputs, datatypes and dims are exactly those of
   ``reformer-rt serve`` (``ServedModel.config``). Triton's Python environment needs reformer-rt installed.
 * ``onnxruntime``: ``NAME/1/model.onnx`` (the portable export) for Triton's onnxruntime backend, no Python at
   serving time: ``input_ids`` and ``attention_mask`` INT64 ``[-1]`` per sequence, the export's one output. Triton
   runs each request as given, so the rows of one request share one padded length and are NOT batch-invariant
   (HF's LSH attention depends on the padded length): send one sequence per request, or use the Python layout.
+  An int8 export (or a checkpoint exported here with ``--quantize int8``) holds standard ops only
+  (``MatMulInteger``, ``DynamicQuantizeLinear``), which that backend runs.
 
 A TensorRT engine cannot go to Triton's tensorrt backend: its LSHAttention plugin is defined in Python
 (``tensorrt.plugin``), and that backend loads plugins only as C++ shared libraries
@@ -29,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from reformer_rt.export.metadata import Quantization
 from reformer_rt.models import InputError
 
 from ..artifacts import artifact_kind, external_data_files
@@ -52,14 +56,16 @@ def _config_pb() -> Any:
     return model_config_pb2
 
 
-def python_config(name: str, source: Path, backend: str, device: str | None, queue_delay_us: int) -> Any:
+def python_config(name: str, source: Path, backend: str, device: str | None, queue_delay_us: int,
+                  quantize: str | None = None) -> Any:
     """The Python-backend ``ModelConfig``: the served model's own interface, opened once here to describe it."""
     from .model import ServedModel
     from .spec import ModelSpec
-    from .triton_python import ARTIFACT_PARAMETER, BACKEND_PARAMETER
+    from .triton_python import ARTIFACT_PARAMETER, BACKEND_PARAMETER, QUANTIZE_PARAMETER
 
     pb = _config_pb()
-    session = ModelSpec(name, str(source), backend, "cpu" if backend != "tensorrt" else None).open()
+    session = ModelSpec(name, str(source), backend, "cpu" if backend != "tensorrt" else None,
+                        quantize=quantize).open()
     config = ServedModel(name, session).config()
     config.backend = "python"
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
@@ -69,6 +75,8 @@ def python_config(name: str, source: Path, backend: str, device: str | None, que
     del config.parameters["reformer_rt_backend"]
     config.parameters[ARTIFACT_PARAMETER].string_value = ARTIFACT + (source.suffix if source.is_file() else "")
     config.parameters[BACKEND_PARAMETER].string_value = session.backend
+    if quantize is not None and source.is_dir():  # an export carries its own quantization
+        config.parameters[QUANTIZE_PARAMETER].string_value = quantize
     return config
 
 
@@ -119,8 +127,9 @@ def write_repository(source: Path, repository: Path, name: str | None = None, tr
                      queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, export_options: dict[str, Any] | None = None,
                      log: Any = print) -> Path:
     """``repository/NAME`` for ``source`` (checkpoint directory, ONNX file or engine); returns that directory.
-    ``export_options`` (dtype, max_length, opset, validate) apply where a checkpoint is exported for the
-    onnxruntime layout."""
+    ``export_options`` (``export_onnx``'s dtype, max_length, opset, validate, quantize, quality) apply where a
+    checkpoint is exported for the onnxruntime layout; their ``quantize`` also makes a checkpoint's Session quantize
+    in the python layout."""
     from google.protobuf import text_format
 
     source = Path(source)
@@ -144,7 +153,9 @@ def write_repository(source: Path, repository: Path, name: str | None = None, tr
         version.mkdir()
         if triton_backend == "python":
             default = {"checkpoint": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
-            config = python_config(name, source, backend or default, device, queue_delay_us)
+            quantization = (export_options or {}).get("quantize")
+            config = python_config(name, source, backend or default, device, queue_delay_us,
+                                   None if quantization is None else Quantization.of(quantization).scheme)
             _copy_artifact(source, version / config.parameters["reformer_rt_artifact"].string_value)
             (version / "model.py").write_text(MODEL_PY)
         else:

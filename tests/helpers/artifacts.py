@@ -8,7 +8,7 @@ several modules use are here:
 
 * ``BYTE_LM``: vocabulary 258 (the byte tokenizer), local + LSH layers, chunk 8, at most 128 tokens, perturbed by
   0.1; its checkpoint and portable export back the Session (ONNX Runtime backend), hardening, fuzz, export-error,
-  generation, serving and Triton-repository tests.
+  generation, serving and Triton-repository tests, and its int8 export the int8 runtime and serving tests.
 * ``DOCTOR``: the doctor's self-test model (``presets.TINY``, perturbed by 0.2); its plugin export backs the
   TensorRT-path and Session tests.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from reformer_rt.export import export_onnx
+from reformer_rt.export import ExportReport, export_onnx
 from reformer_rt.models import ReformerConfig, ReformerLM
 from reformer_rt.models.presets import TINY, random_model
 from reformer_rt.models.tokenizer import ByteTokenizer
@@ -56,6 +56,7 @@ class Artifacts:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._made: dict[tuple[object, ...], Path] = {}
+        self._reports: dict[tuple[object, ...], ExportReport] = {}
 
     def checkpoint(self, model: TinyModel) -> Path:
         key = (model.name,)
@@ -68,12 +69,22 @@ class Artifacts:
         return self._made[key]
 
     def export(self, model: TinyModel, attention: str = "portable", dtype: str = "float32",
-               max_length: int | None = None, validate: bool = False) -> Path:
-        """``export_onnx`` of the recipe's checkpoint; ``validate`` runs the exporter's check against PyTorch."""
-        key = (model.name, attention, dtype, max_length, validate)
+               max_length: int | None = None, validate: bool = False, quantize: str | None = None) -> Path:
+        """``export_onnx`` of the recipe's checkpoint; ``validate`` runs the exporter's check against PyTorch (an
+        int8 export is always validated: its task metrics on text)."""
+        key = (model.name, attention, dtype, max_length, validate, quantize)
         if key not in self._made:
             path = self.root / ("-".join(map(str, key)) + ".onnx")
-            export_onnx(self.checkpoint(model), path, attention=attention, dtype=dtype, max_length=max_length,
-                        validate=validate, log=None)
+            self._reports[key] = export_onnx(self.checkpoint(model), path, attention=attention, dtype=dtype,
+                                             max_length=max_length, validate=validate or quantize is not None,
+                                             quantize=quantize, log=None)
             self._made[key] = path
         return self._made[key]
+
+    def export_report(self, model: TinyModel, **options: object) -> ExportReport:
+        """The exporter's report of ``export(model, **options)`` (made then, if not yet)."""
+        self.export(model, **options)  # type: ignore[arg-type]
+        key = (model.name, *(options.get(k, d) for k, d in (("attention", "portable"), ("dtype", "float32"),
+                                                              ("max_length", None), ("validate", False),
+                                                              ("quantize", None))))
+        return self._reports[key]
