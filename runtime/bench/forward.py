@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               "(reformer-rt bench serve: load a server)", description=__doc__.split("\n\n")[0],
                               epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 server")
     p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: --arch with random weights)")
-    p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {' or '.join(ARCHITECTURES)}")
+    p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {', '.join(ARCHITECTURES)}")
     p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, tensorrt")
