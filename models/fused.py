@@ -195,3 +195,64 @@ def local_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
                          look_around(v[:, head].reshape(shape), before, after), cap, False)
         outs.append(out.view(batch, 1, length, dim))
     return torch.cat(outs, dim=1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------- windows (streamed pieces)
+def look_around_extended(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """``look_around`` without wrapping, for a caller that laid the neighbours out itself: x [n + before + after,
+    chunk, ...] -> [n, (before+1+after)*chunk, ...], chunk j seeing the extended chunks j .. j+before+after."""
+    width = before + 1 + after
+    if width == 1:
+        return x
+    n_chunks = x.shape[0] - width + 1
+    chunks = (torch.arange(n_chunks, device=x.device)[:, None] + torch.arange(width, device=x.device)).flatten()
+    windows = x.index_select(0, chunks)  # [n*width, chunk, ...]
+    return windows.view(n_chunks, width * x.shape[1], *x.shape[2:])
+
+
+def local_attention_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           positions: torch.Tensor, before: int, after: int, causal: bool) -> torch.Tensor:
+    """``local_attention_fused`` for one head over a stretch of whole chunks whose neighbours the caller laid out
+    (wrapped as the whole sequence would wrap them): q [n, chunk, D]; k (already / sqrt(D)), v [n_ext, chunk, D],
+    mask (nonzero = token) and ``positions`` (original, int64) [n_ext, chunk] with n_ext = n + before + after and q
+    the extended chunks before .. before+n. Returns [n, chunk, D] float32, the same scores, caps and softmax as the
+    whole-sequence form."""
+    n_chunks, chunk = q.shape[0], q.shape[1]
+    mask_value = MASK_VALUE.get(q.dtype, MASK_VALUE[torch.float32])
+    invalid = mask == 0
+    if causal:
+        key_positions = positions.to(torch.float32) + invalid.to(torch.float32) * PADDING_OFFSET
+        q_scaled = (positions[before:before + n_chunks].to(torch.float32) * SCALE + HALF_STEP).unsqueeze(-1)
+        k_scaled = look_around_extended(key_positions * SCALE, before, after).unsqueeze(-2)
+        cap = _cap(q_scaled, k_scaled, 0.0, mask_value)  # [n, chunk, window]
+    else:
+        cap = look_around_extended(torch.where(invalid, mask_value, torch.inf), before, after).unsqueeze(-2)
+    out, _ = _attend(q.float(), look_around_extended(k.float(), before, after),
+                     look_around_extended(v.float(), before, after), cap, False)
+    return out
+
+
+def lsh_attention_window(qk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                         attrs: LSHAttrs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's chunk attention over a stretch of SORTED chunks (semantics steps 3-5 of ``lsh.py``) whose
+    neighbours in the sorted concatenation of rounds the caller laid out: qk, v [n_ext, chunk, D] rows in sorted
+    order, ``mask`` (nonzero = token) and ``positions`` (original, int64) [n_ext, chunk] of those rows, n_ext = n +
+    chunks_before + chunks_after. Returns (out [n, chunk, D], lse [n, chunk, 1]) float32 for the inner chunks, as
+    ``_lsh_head`` computes them before undoing the sort."""
+    before, after = attrs.chunks_before, attrs.chunks_after
+    n_chunks = qk.shape[0] - before - after
+    self_mask, mask_value = SELF_MASK_VALUE[qk.dtype], MASK_VALUE[qk.dtype]
+    q = qk.float()
+    invalid = mask == 0
+    key_positions = positions.to(torch.float32)
+    if attrs.causal:  # padding keys move into every query's future
+        key_positions = key_positions + invalid.to(torch.float32) * PADDING_OFFSET
+    q_scaled = (positions[before:before + n_chunks].to(torch.float32) * SCALE).unsqueeze(-1)  # [n, chunk, 1]
+    cap = _cap(q_scaled, look_around_extended(key_positions * SCALE, before, after).unsqueeze(-2), self_mask,
+               mask_value, magnitude=not attrs.causal)
+    if not attrs.causal:
+        valid_cap = torch.where(invalid, mask_value, torch.inf)
+        cap = torch.minimum(cap, look_around_extended(valid_cap, before, after).unsqueeze(-2))
+    out, lse = _attend(q[before:before + n_chunks], look_around_extended(_keys(q), before, after),
+                       look_around_extended(v.float(), before, after), cap, True)
+    return _self_only_rows(out, lse, self_mask), lse

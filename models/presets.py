@@ -5,7 +5,10 @@ bundled demo model's directory, and the tiny perturbed LM that the doctor's self
   2 heads x 128, 1 hash round, chunk 64, axial positions 512 x 1024 = 524,288 tokens, buckets 64 x 128).
 * ``ENWIK8_LIKE``: the enwik8 checkpoint's widths at 6 layers (d=512, 8 heads x 64, 4 hash rounds, chunk 128,
   buckets 32 x 32, 65,536 positions).
-* ``ARCHITECTURES``: those two by the names ``reformer-rt bench --arch`` takes.
+* ``CRIME_AND_PUNISHMENT_1M``: the same widths at 1,048,576 positions (axial 1024 x 1024), buckets by HF's rule
+  for that length (``resolve_num_buckets``: 2 * 1,048,576 / 64 = 2**15, factorized 128 x 256) -- the paper's
+  "about a million tokens".
+* ``ARCHITECTURES``: those three by the names ``reformer-rt bench --arch`` takes.
 * ``random_model(config)``: a model of ``config`` whose every parameter is perturbed from its initial value (default
   initialisation leaves layer norms at 1/0 and axial tables alike, which would hide wrong wiring), seeded.
 * ``TINY``: a 3-layer LM (LSH, local, LSH; 2 hash rounds; chunk 8; 64 positions) small enough to export and build in
@@ -14,13 +17,14 @@ bundled demo model's directory, and the tiny perturbed LM that the doctor's self
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ReformerConfig
+from .config import ReformerConfig, resolve_num_buckets
 from .modeling import ReformerLM
 
 CRIME_AND_PUNISHMENT = ReformerConfig(
@@ -37,8 +41,13 @@ ENWIK8_LIKE = ReformerConfig(
     max_position_embeddings=65536, lsh_attn_chunk_length=128, local_attn_chunk_length=128, num_hashes=4,
     num_buckets=(32, 32), hash_seed=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
     local_num_chunks_before=1, local_num_chunks_after=0)
+MILLION = 1 << 20
+CRIME_AND_PUNISHMENT_1M = dataclasses.replace(
+    CRIME_AND_PUNISHMENT, axial_pos_shape=(1024, 1024), max_position_embeddings=MILLION,
+    num_buckets=resolve_num_buckets(MILLION, CRIME_AND_PUNISHMENT.lsh_attn_chunk_length, MILLION))
 #: Architectures built with random weights when no checkpoint is given (``reformer-rt bench --arch``).
-ARCHITECTURES = {"crime-and-punishment": CRIME_AND_PUNISHMENT, "enwik8-like": ENWIK8_LIKE}
+ARCHITECTURES = {"crime-and-punishment": CRIME_AND_PUNISHMENT, "crime-and-punishment-1m": CRIME_AND_PUNISHMENT_1M,
+                 "enwik8-like": ENWIK8_LIKE}
 
 TINY = ReformerConfig(vocab_size=32, hidden_size=32, num_attention_heads=2, attention_head_size=16,
                       attn_layers=("lsh", "local", "lsh"), feed_forward_size=64, axial_pos_embds=False,

@@ -253,3 +253,37 @@ def cached_export(checkpoint: Path, attention: str = "portable", verbose: bool =
                 log=(lambda line: print(line, file=sys.stderr)) if verbose else log.info)
     write_atomic(record, files_sha256(_entry_files(target)).encode(), label="cache")
     return target
+
+
+def cached_pieces(model: object) -> Path:
+    """The piece graphs of the streamed evaluation (``reformer_rt.export.pieces``) for ``model``'s config, made once
+    and kept in the cache directory (``pieces/``). They hold no weights, so the key is the resolved config, whether
+    the model has an LM head, and the package version; a set whose manifest or graphs are missing is exported
+    again, into a temporary directory renamed into place."""
+    import shutil
+
+    from reformer_rt.export.metadata import package_version
+    from reformer_rt.export.pieces import export_pieces, read_manifest
+
+    body = getattr(model, "reformer", model)
+    head = getattr(model, "lm_head", None)
+    key = f"{package_version()}:{head is not None}:{body.config.to_json()}"
+    target = cache_dir() / "pieces" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if read_manifest(target) is not None:
+        return target
+    parent = _writable_cache("pieces")
+    log.info("reformer-rt: exporting the streamed pieces of %s to %s (once)", type(model).__name__, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        export_pieces(body, head, staging)
+        if target.exists() and read_manifest(target) is None:  # a damaged set: replaced whole
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as exc:
+        if read_manifest(target) is not None:  # another process put the same set in place first
+            return target
+        raise InputError(f"cache: cannot write {target} ({os_error_hint(exc)}); set {CACHE_ENV} to a writable "
+                         "directory") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

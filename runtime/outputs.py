@@ -20,10 +20,12 @@ of it (``logits``: an LM's per-position logits, a classifier's class logits):
 | last_hidden_state | any (torch)    | last_hidden_state | [n, 2*hidden]                   | float32 |
 | embedding         | any (torch)    | last_hidden_state | [2*hidden], mean or last        | float32 |
 
-Whole-sequence logits of long inputs are large (512K tokens x 320 vocab = 671 MB in float32); the reduced outputs
-are computed per micro-batch, so asking only for them never holds every sequence's logits at once, and where the
-backend gives the last position's logits alone (the torch backend: ``logits_at_last``) the last-position outputs
-never compute the others. Options: ``top_k`` (how many of the last position's best ids, default 5), ``pooling``
+Whole-sequence logits of long inputs are large (1,048,576 tokens x 320 vocab = 1.34 GB in float32); the reduced
+outputs are computed per micro-batch, so asking only for them never holds every sequence's logits at once. Where
+the backend gives a cheaper raw output for a kind (``OutputKind.alternatives``) it is used instead: the last
+position's logits alone (``logits_at_last``), the next-token log-probabilities or the pooled hidden states that a
+streamed run (``streaming.py``) and the torch backend compute piece by piece (``token_log_probs``,
+``pooled_hidden``), so those outputs never hold [L, vocab] or [L, 2*hidden] at all. Options: ``top_k`` (how many of the last position's best ids, default 5), ``pooling``
 (``mean`` over the sequence's tokens or its ``last`` token, default mean); ``problem_type`` is the model's (HF's
 config field), set by the Session.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +43,11 @@ from reformer_rt.models.heads import CLASS_LOGITS, HIDDEN_STATE, LAST_LOGITS, LM
 
 POOLINGS = ("mean", "last")
 DEFAULT_TOP_K = 5
+#: Raw outputs beyond the task table's, from streamed runs and the torch backend: per position [B, L] float32,
+#: log p(id[t+1] | id[..t]) at t (0 at a row's last token); per sequence [B, 2, 2*hidden], the mean of the final
+#: hidden states over the row's tokens and the last token's.
+TOKEN_LOG_PROBS, POOLED_HIDDEN = "token_log_probs", "pooled_hidden"
+PER_POSITION = {TOKEN_LOG_PROBS: True, POOLED_HIDDEN: False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _top_k_ids(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarray:
+    return _top_k(row, options.top_k)[0]
+
+
+def _top_k_log_probs(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarray:
+    return _top_k(row, options.top_k)[1]
+
+
 def _top_k(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and log-probabilities of the ``k`` largest last-position logits, best first (ties: lower id)."""
     log_probs = _log_softmax(row[-1])
@@ -69,11 +85,16 @@ def _top_k(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order.astype(np.int64), log_probs[order].astype(np.float32)
 
 
+def next_token_log_probs(logits: np.ndarray, next_ids: np.ndarray) -> np.ndarray:
+    """log p(next_ids[t]) under logits[t] [n, vocab] (a float64 log-softmax), as float32 [n]."""
+    log_probs = _log_softmax(logits)
+    return log_probs[np.arange(len(next_ids)), next_ids].astype(np.float32)
+
+
 def _token_log_probs(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if len(ids) < 2:
         return np.zeros(0, dtype=np.float32)
-    log_probs = _log_softmax(row[:-1])
-    return log_probs[np.arange(len(ids) - 1), ids[1:]].astype(np.float32)
+    return next_token_log_probs(row[:len(ids) - 1], ids[1:])
 
 
 def _probabilities(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
@@ -87,6 +108,13 @@ def _probabilities(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
 Reducer = Callable[[np.ndarray, np.ndarray, OutputOptions], np.ndarray]
 
 
+class Alternative(NamedTuple):
+    """A cheaper raw output a kind can be computed from, and how."""
+
+    source: str
+    reduce: Reducer
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputKind:
     name: str
@@ -95,7 +123,21 @@ class OutputKind:
     dims: tuple[str, ...]  # symbolic per-sequence dims: "n" tokens, "n-1", "vocab", "hidden", "labels", "k"
     reduce: Reducer  # (raw row: [n, X] per position or [X] per sequence, ids [n], options) -> the output
     doc: str
-    cheaper: tuple[str, ...] = ()  # raw outputs that give the same result for less, preferred when available
+    #: Raw outputs that give the same result for less, preferred in order when available.
+    alternatives: tuple[Alternative, ...] = ()
+
+    @property
+    def passed_through(self) -> bool:
+        """Whether it is a raw output as it is (the only kind that can be written into a caller's array)."""
+        return self.reduce is _same
+
+    def route(self, raw_outputs: tuple[str, ...]) -> Alternative | None:
+        """(source, reduce) this kind is computed by from these raw outputs: the first alternative given, else its
+        own source; None when neither is."""
+        for alternative in self.alternatives:
+            if alternative.source in raw_outputs:
+                return alternative
+        return Alternative(self.source, self.reduce) if self.source in raw_outputs else None
 
     def shape(self, config: ReformerConfig) -> list[int]:
         """Per-sequence shape with -1 for what varies per request (KServe model metadata)."""
@@ -107,6 +149,15 @@ def _same(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarra
     return row
 
 
+def _last(row: np.ndarray, ids: np.ndarray, options: OutputOptions) -> np.ndarray:
+    return row[-1]
+
+
+def _at_last(reduce: Reducer) -> tuple[Alternative, ...]:
+    """The LM head at the last position only (``logits_at_last`` [1, vocab]) gives a last-position output."""
+    return (Alternative(LAST_LOGITS.name, reduce),)
+
+
 def passed_through(raw: RawOutput) -> OutputKind:
     """The kind that gives ``raw`` as it is, under its graph name."""
     dims = (("n",) if raw.per_position else ()) + ((raw.width,) if raw.width != "none" else ())
@@ -116,14 +167,15 @@ def passed_through(raw: RawOutput) -> OutputKind:
 #: The kinds computed from a raw output, by its name.
 DERIVED_KINDS: dict[str, tuple[OutputKind, ...]] = {
     LM_LOGITS.name: (
-        OutputKind("last_logits", LM_LOGITS.name, np.float32, ("vocab",), lambda row, ids, o: row[-1],
-                   "logits of the last position (the next-token distribution)", (LAST_LOGITS.name,)),
-        OutputKind("top_k_ids", LM_LOGITS.name, np.int64, ("k",), lambda row, ids, o: _top_k(row, o.top_k)[0],
-                   "the top_k most likely next tokens, best first", (LAST_LOGITS.name,)),
-        OutputKind("top_k_log_probs", LM_LOGITS.name, np.float32, ("k",),
-                   lambda row, ids, o: _top_k(row, o.top_k)[1], "log-probabilities of top_k_ids", (LAST_LOGITS.name,)),
+        OutputKind("last_logits", LM_LOGITS.name, np.float32, ("vocab",), _last,
+                   "logits of the last position (the next-token distribution)", _at_last(_last)),
+        OutputKind("top_k_ids", LM_LOGITS.name, np.int64, ("k",), _top_k_ids,
+                   "the top_k most likely next tokens, best first", _at_last(_top_k_ids)),
+        OutputKind("top_k_log_probs", LM_LOGITS.name, np.float32, ("k",), _top_k_log_probs,
+                   "log-probabilities of top_k_ids", _at_last(_top_k_log_probs)),
         OutputKind("log_probs", LM_LOGITS.name, np.float32, ("n-1",), lambda row, ids, o: _token_log_probs(row, ids),
-                   "log p(id[t+1] | id[..t]) of the given ids (scoring)")),
+                   "log p(id[t+1] | id[..t]) of the given ids (scoring)",
+                   (Alternative(TOKEN_LOG_PROBS, lambda row, ids, o: row[:max(len(ids) - 1, 0)]),))),
     CLASS_LOGITS.name: (
         OutputKind("probabilities", CLASS_LOGITS.name, np.float32, ("labels",),
                    lambda row, ids, o: _probabilities(row, o.problem_type),
@@ -131,7 +183,8 @@ DERIVED_KINDS: dict[str, tuple[OutputKind, ...]] = {
     HIDDEN_STATE.name: (
         OutputKind("embedding", HIDDEN_STATE.name, np.float32, ("hidden",),
                    lambda row, ids, o: row.mean(axis=0) if o.pooling == "mean" else row[-1],
-                   "one vector per sequence: mean over its tokens, or its last token (pooling)"),),
+                   "one vector per sequence: mean over its tokens, or its last token (pooling)",
+                   (Alternative(POOLED_HIDDEN, lambda row, ids, o: row[POOLINGS.index(o.pooling)]),)),),
 }
 #: Every kind, in the order models list them: per graph output of each task, itself then what is computed from
 #: it; the hidden state (which the PyTorch model gives for every task) last.
@@ -148,6 +201,8 @@ class SequenceJob:
     sequence: np.ndarray  # int64 token ids
     kinds: tuple[OutputKind, ...]
     options: OutputOptions
+    #: Per-position outputs to write into the caller's arrays (``Session.run(..., out=...)``): name -> [n, X].
+    out: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -161,18 +216,15 @@ def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 def available_outputs(raw_outputs: tuple[str, ...]) -> tuple[str, ...]:
     """The output kinds a backend with these raw outputs can give, in table order."""
-    return tuple(dict.fromkeys(kind.name for kind in OUTPUT_KINDS if kind.source in raw_outputs))
+    return tuple(dict.fromkeys(kind.name for kind in OUTPUT_KINDS if kind.route(raw_outputs) is not None))
 
 
 def output_kind(name: str, raw_outputs: tuple[str, ...]) -> OutputKind:
-    """The kind called ``name`` for a backend with these raw outputs, computed from the cheapest raw output it
-    gives, or an error listing what this model gives."""
+    """The kind called ``name`` that these raw outputs can give (``route`` says from which), or an error listing
+    what this model gives."""
     named = [kind for kind in OUTPUT_KINDS if kind.name == name]
     for kind in named:
-        cheaper = [source for source in kind.cheaper if source in raw_outputs]
-        if cheaper:
-            return dataclasses.replace(kind, source=cheaper[0])
-        if kind.source in raw_outputs:
+        if kind.route(raw_outputs) is not None:
             return kind
     why = "unknown output" if not named else (
         f"needs {' or '.join(k.source for k in named)}, which this model does not give (an ONNX file or engine "

@@ -45,12 +45,15 @@ from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerCon
 from reformer_rt.models.heads import task_named
 
 from . import generation, scoring
-from .artifacts import artifact_kind, cached_export
+from .artifacts import artifact_kind, cached_export, cached_pieces
 from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches, run_length
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .outputs import OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack
+from .outputs import (
+    PER_POSITION, Alternative, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
+)
+from .streaming import OnnxPieces, Streamer, TorchArrays, streams
 from .tensorrt_backend import plugin_registered
 from .tokenizers import Tokenizer
 
@@ -78,10 +81,14 @@ class RunResult(Mapping[str, np.ndarray]):
     rows: dict[str, list[np.ndarray]]
     lengths: np.ndarray
     plan: BatchPlan
+    #: Outputs written into the caller's arrays (``Session.run(..., out=...)``): given back as they are.
+    out: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name == "lengths":
             return self.lengths
+        if name in self.out:
+            return self.out[name]
         return pad_stack(self.rows[name])
 
     def __iter__(self) -> Iterator[str]:
@@ -126,13 +133,15 @@ class Session:
         self._backend: Backend = self._open(name, kind, threads)
         self._companion_backend: Backend | None = None  # see ``_companion``
         self._companion_lock = threading.Lock()
+        self._streamer_made: list[Streamer | None] = []  # see ``_streamer``
+        self._streamer_lock = threading.Lock()
         self.backend: str = self._backend.name
         self.config: ReformerConfig = self._backend.config
         self.task: str = self._backend.task
         task = task_named(self.task)
         #: What ``run`` gives when no outputs are named: an LM's logits, a classifier's logits, QA start and end...
         self.default_outputs: tuple[str, ...] = task.default_outputs
-        self._per_position = {raw.name: raw.per_position for raw in task.raw_outputs}
+        self._per_position = {**{raw.name: raw.per_position for raw in task.raw_outputs}, **PER_POSITION}
         #: Raw outputs only the checkpoint's PyTorch model gives here (``_companion``): none for a torch session or
         #: an exported file.
         self._companion_outputs: tuple[str, ...] = tuple(
@@ -178,6 +187,27 @@ class Session:
                                                        self._quantize)
             return self._companion_backend
 
+    def _streamer(self) -> Streamer | None:
+        """How this session runs rows streamed (``streaming.py``), made on first use: the torch backend's model as
+        ``TorchPieces``; ONNX Runtime (opened on a checkpoint) as the piece graphs, exported once per config, fed
+        the checkpoint's weights; None where rows run whole: an exported file or engine (whose graph is all there
+        is), TensorRT, a GPU, float16, int8 (the pieces run float weights), or a task other than a language model or
+        a bare model."""
+        with self._streamer_lock:
+            if not self._streamer_made:
+                self._streamer_made.append(self._make_streamer())
+            return self._streamer_made[0]
+
+    def _make_streamer(self) -> Streamer | None:
+        if (self._kind != "checkpoint" or self.device != "cpu" or self.dtype != "float32"
+                or self.quantization is not None or self.task not in ("lm", "base") or self.backend not in ("torch", "onnxruntime")):
+            return None
+        if isinstance(self._backend, TorchBackend):
+            return Streamer(TorchArrays(self._backend.model), self.config, self.task)
+        companion = self._companion_backend
+        model = companion.model if isinstance(companion, TorchBackend) else _load_model(self.path)  # feeds the graphs
+        return Streamer(OnnxPieces(cached_pieces(model), model, self._threads), self.config, self.task)
+
     # ------------------------------------------------------------------------------------------ backend choice
     def _choose(self, backend: str, kind: str) -> tuple[str, str]:
         if backend != "auto":
@@ -217,17 +247,30 @@ class Session:
 
     # ---------------------------------------------------------------------------------------------- inference
     def run(self, sequences: Any, attention_mask: Any = None, outputs: str | Sequence[str] | None = None,
-            top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> RunResult:
+            top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling,
+            out: Mapping[str, np.ndarray] | None = None) -> RunResult:
         """Outputs for N sequences (default: the model's own, ``logits`` or ``last_hidden_state``); each
-        sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option."""
+        sequence's result equals that sequence run alone. See ``outputs.py`` for every output and option.
+
+        ``out`` maps per-position outputs (``logits``, ``last_hidden_state``) to arrays of their padded shape
+        [N, L_max, X] float32 -- a ``numpy.lib.format.open_memmap`` file, say -- that receive them instead of
+        memory of their own: streamed rows (``streaming.py``) write them piece by piece, so a 1,048,576-token
+        sequence's logits never exist in memory at once. Positions past a sequence's end are set to 0."""
         names = list(self.default_outputs) if outputs is None else [outputs] if isinstance(outputs, str) \
             else list(outputs)
         kinds = tuple(self.output_kinds(names))
         options = self.output_options(top_k, pooling)
         seqs = self.check_sequences(sequences, attention_mask)
-        results, plan = self.run_jobs([SequenceJob(seq, kinds, options) for seq in seqs])
+        destinations = _check_out(out, kinds, seqs, self.config)
+        jobs = [SequenceJob(seq, kinds, options, {name: array[i, :len(seq)] for name, array in destinations.items()})
+                for i, seq in enumerate(seqs)]
+        for name, array in destinations.items():
+            for i, seq in enumerate(seqs):
+                if len(seq) < array.shape[1]:
+                    array[i, len(seq):] = 0
+        results, plan = self.run_jobs(jobs)
         rows = {kind.name: [result[kind.name] for result in results] for kind in kinds}
-        return RunResult(rows, np.array([len(s) for s in seqs], dtype=np.int64), plan)
+        return RunResult(rows, np.array([len(s) for s in seqs], dtype=np.int64), plan, dict(destinations))
 
     def run_jobs(self, jobs: Sequence[SequenceJob]) -> tuple[list[dict[str, np.ndarray]], BatchPlan]:
         """Checked sequences that may want different outputs (several callers' requests): planned together by the
@@ -243,11 +286,25 @@ class Session:
 
     def run_micro_batch(self, jobs: Sequence[SequenceJob], length: int) -> list[dict[str, np.ndarray]]:
         """ONE forward pass over jobs that share a micro-batch (``batching.py`` decides which, and ``length``), then
-        each job's own outputs."""
-        sources = tuple(dict.fromkeys(kind.source for job in jobs for kind in job.kinds)) or self._backend.outputs[:1]
-        raw = self.run_batch([job.sequence for job in jobs], length, sources)
-        return [{kind.name: kind.reduce(raw[kind.source][row], job.sequence, job.options) for kind in job.kinds}
-                for row, job in enumerate(jobs)]
+        each job's own outputs, each from the cheapest raw output this batch's path gives (``OutputKind.route``)."""
+        streamer = self._streamer() if streams(self.config, length) else None
+        routes = {kind.name: self._route(kind, streamer) for job in jobs for kind in job.kinds}
+        sources = tuple(dict.fromkeys(route.source for route in routes.values())) or self._backend.outputs[:1]
+        # a pass-through output with a destination is written there by the forward pass itself
+        out = {routes[name].source: [job.out[name] for job in jobs] for name in jobs[0].out} or None
+        raw = self.run_batch([job.sequence for job in jobs], length, sources, out, streamer)
+        return [{kind.name: routes[kind.name].reduce(raw[routes[kind.name].source][row], job.sequence, job.options)
+                 for kind in job.kinds} for row, job in enumerate(jobs)]
+
+    def _route(self, kind: OutputKind, streamer: Streamer | None) -> Alternative:
+        """Where ``kind`` comes from in a batch: the streamed run's outputs, else the backend's own, else (outputs an
+        exported graph lacks) the checkpoint's PyTorch model beside it."""
+        if streamer is not None:
+            route = kind.route(streamer.outputs)
+        else:
+            route = kind.route(self._backend.outputs) or kind.route((*self._backend.outputs, *self._companion_outputs))
+        assert route is not None, f"output {kind.name} was accepted but cannot be computed"
+        return route
 
     def output_options(self, top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> OutputOptions:
         """A caller's options, with the model's own (``problem_type``)."""
@@ -257,34 +314,42 @@ class Session:
         """The output kinds called ``names`` (distinct, at least one), or an error listing what this model gives."""
         if not names or len(set(names)) != len(names):
             raise InputError(f"outputs: got {list(names)}; expected distinct names from {list(self.outputs)}")
-        kinds = []
-        for name in names:  # from the backend's own outputs when it has what the kind needs, else the companion's
-            try:
-                kinds.append(output_kind(name, self._backend.outputs))
-            except InputError:
-                if not self._companion_outputs:
-                    raise
-                kinds.append(output_kind(name, (*self._backend.outputs, *self._companion_outputs)))
-        return kinds
+        raw = (*self._backend.outputs, *self._companion_outputs)
+        return [output_kind(name, raw) for name in names]
 
-    def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+    def run_batch(self, seqs: list[np.ndarray], length: int, sources: tuple[str, ...],
+                  out: dict[str, list[np.ndarray]] | None = None,
+                  streamer: Streamer | None = None) -> dict[str, list[np.ndarray]]:
         """ONE forward pass over checked sequences that share a micro-batch (``batching.py`` decides which and
-        ``length``): each raw output in ``sources``, one array per sequence (per-position ones cut to its
-        length). An int8 session runs each sequence alone instead (module docstring)."""
+        ``length``): each raw output in ``sources``, one array per sequence (per-position ones cut to its length).
+        ``out``: destinations of per-position raw outputs, one [n_i, X] array per sequence, filled and given back;
+        ``streamer``: run the batch streamed (``streaming.py``) instead of on the backend's whole-sequence path. An
+        int8 session runs each sequence alone instead (module docstring)."""
         if self.quantization is not None and len(seqs) > 1:
-            parts = [self.run_batch([seq], run_length(self.config, [len(seq)]), sources) for seq in seqs]
+            parts = [self.run_batch([seq], run_length(self.config, [len(seq)]), sources,
+                                    {name: [rows[row]] for name, rows in (out or {}).items()}, streamer)
+                     for row, seq in enumerate(seqs)]
             return {name: [part[name][0] for part in parts] for name in sources}
         ids = np.zeros((len(seqs), length), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, seq in enumerate(seqs):
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1
-        own = tuple(name for name in sources if name in self._backend.outputs)
-        raw = self._backend.run(ids, mask, own) if own else {}
-        if len(own) < len(sources):  # outputs only the checkpoint's PyTorch model gives (``_companion``)
-            raw.update(self._companion().run(ids, mask, tuple(n for n in sources if n not in own)))
-        return {name: [raw[name][row, :len(seq)] if self._per_position[name] else raw[name][row]
-                       for row, seq in enumerate(seqs)] for name in sources}
+        if streamer is not None:
+            raw = streamer.run(ids, mask, sources, out)
+        else:
+            own = tuple(name for name in sources if name in self._backend.outputs)
+            raw = self._backend.run(ids, mask, own) if own else {}
+            if len(own) < len(sources):  # outputs only the checkpoint's PyTorch model gives (``_companion``)
+                raw.update(self._companion().run(ids, mask, tuple(n for n in sources if n not in own)))
+        rows = {name: [_row_of(raw[name], row, len(seq), self._per_position[name]) for row, seq in enumerate(seqs)]
+                for name in sources}
+        for name, destinations in (out or {}).items():
+            for row, destination in enumerate(destinations):
+                if rows[name][row] is not destination:
+                    destination[...] = rows[name][row]
+                    rows[name][row] = destination
+        return rows
 
     def embed(self, sequences: Any, pooling: str = "mean", attention_mask: Any = None) -> np.ndarray:
         """One vector per sequence [N, 2*hidden]: mean over its tokens, or its last token's hidden state."""
@@ -347,6 +412,39 @@ class Session:
                                  "(reformer_rt.runtime.generation), e.g. GenerationOptions(max_new_tokens=64, "
                                  "strategy='sample', seed=1)")
         return self.check_sequences(prompts)
+
+
+def _row_of(value: np.ndarray | list[np.ndarray], row: int, length: int, per_position: bool) -> np.ndarray:
+    """One sequence's part of a raw output: a batch array's row (per-position ones cut to ``length``), or the
+    sequence's own destination array."""
+    if isinstance(value, list):
+        return value[row]
+    return value[row, :length] if per_position else value[row]
+
+
+def _check_out(out: Mapping[str, np.ndarray] | None, kinds: Sequence[OutputKind], seqs: list[np.ndarray],
+               config: ReformerConfig) -> dict[str, np.ndarray]:
+    """``Session.run``'s ``out``: per-position outputs that are asked for, each an array of their padded shape."""
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise InputTypeError(f"out: got {type(out).__name__}; expected a dict of output name -> array")
+    takes = {kind.name: kind for kind in kinds if kind.dims[:1] == ("n",) and kind.passed_through}
+    checked = {}
+    for name, array in out.items():
+        if name not in takes:
+            raise InputError(f"out: got {name!r}; expected outputs asked for that hold a row per position "
+                             f"({sorted(takes) or 'none asked'}); the others are small -- take them from the result")
+        width = takes[name].shape(config)[-1]
+        shape = (len(seqs), max(len(s) for s in seqs), width)
+        if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != np.float32:
+            got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise InputError(f"out[{name!r}]: got {got}; expected a float32 array of shape {shape} (e.g. "
+                             "numpy.lib.format.open_memmap(path, mode='w+', dtype='float32', shape=...))")
+        if not array.flags.writeable:
+            raise InputError(f"out[{name!r}]: the array is read-only; expected a writable one")
+        checked[name] = array
+    return checked
 
 
 def _as_sequences(sequences: Any, attention_mask: Any) -> list[np.ndarray]:

@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               epilog="reformer-rt bench serve --help: the concurrency sweep against a KServe v2 "
                                      "server; reformer-rt bench accuracy --help: what int8 costs on text")
     p.add_argument("model", nargs="?", type=Path, help="checkpoint directory (default: --arch with random weights)")
-    p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {' or '.join(ARCHITECTURES)}")
+    p.add_argument("--arch", default="crime-and-punishment", help=f"without MODEL: {', '.join(ARCHITECTURES)}")
     p.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--backends", default="torch,onnxruntime", help=f"comma-separated: {', '.join(BACKENDS)}")
