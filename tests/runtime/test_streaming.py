@@ -98,15 +98,21 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One export cache for the module: the checkpoint's whole-sequence export and its piece graphs, made once."""
+    return tmp_path_factory.mktemp("stream-cache")
+
+
 def _sequences() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.integers(0, 64, n) for n in (300, 290, 17, 200, 301)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_session_streams_long_rows_with_every_output_of_the_whole_path(backend, checkpoint, tmp_path,
+def test_session_streams_long_rows_with_every_output_of_the_whole_path(backend, checkpoint, cache,
                                                                         monkeypatch) -> None:
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     seqs = _sequences()
     monkeypatch.setenv(STREAM_TOKENS_ENV, str(1 << 30))
     whole = Session(checkpoint, backend=backend).run(seqs, outputs=OUTPUTS, pooling="last")
@@ -126,8 +132,8 @@ def test_session_streams_long_rows_with_every_output_of_the_whole_path(backend, 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("stream", [True, False])
-def test_out_receives_what_memory_would_hold(backend, stream, checkpoint, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+def test_out_receives_what_memory_would_hold(backend, stream, checkpoint, cache, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     monkeypatch.setenv(STREAM_TOKENS_ENV, "64" if stream else str(1 << 30))
     session = Session(checkpoint, backend=backend)
     seqs = _sequences()
