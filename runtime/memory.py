@@ -10,7 +10,8 @@ Working set of one micro-batch of B rows padded to L, in bytes (``itemsize`` 4 f
 
 * streamed (``streaming.py``; rows of >= 65,536 padded tokens, a CPU float32 checkpoint, one row at a time) --
   derived from the driver's own buffers: per token of the row, the two streams (2 x hidden x 4), the ids and mask
-  (8 + 8 per token of the whole batch, 4 + 8 for the row's int32 mask and positions), and the LSH layer's
+  (8 + 8 per token of the whole batch; 8 for the checked ids, 4 + 8 for the row's int32 mask and positions), and
+  the LSH layer's
   sequence-long arrays at their high point: one head's qk and v (2 x D x 4), the sort index (8 x n_hashes) and the
   rounds' outputs and logsumexp ((D + 1) x n_hashes x 4); plus one piece's own intermediates, a constant
   ``STREAM_PIECE_BYTES_PER_POSITION`` x the piece (measured: it is the attention's chunk scores, gathers and
@@ -52,7 +53,10 @@ MEMORY_LIMIT_ENV = "REFORMER_RT_MEMORY_LIMIT"
 BASE_BYTES = {"torch": 287_000_000, "onnxruntime": 338_000_000}
 #: One piece's intermediates per position of the piece (streamed path), measured; on ONNX Runtime it includes the
 #: piece graphs' sessions, opened with the first streamed row.
-STREAM_PIECE_BYTES_PER_POSITION = {"torch": 12_500, "onnxruntime": 11_500}
+STREAM_PIECE_BYTES_PER_POSITION = {"torch": 12_500, "onnxruntime": 16_800}
+#: Whether the process keeps freed memory for reuse (``backends.reuse_freed_memory``: the torch backend sets it);
+#: without, a large array's pages become resident only as they are written, and return when it is freed.
+HEAP_REUSE = {"torch": True, "onnxruntime": False}
 #: Copies of one layer's per-head vectors and chunk scores alive at the whole path's peak, measured.
 WHOLE_LAYER_COPIES = {"torch": 7.9, "onnxruntime": 8.7}
 #: The whole path's chunked feed-forward and LM head (``backends.FEED_FORWARD_CHUNK`` positions at a time): copies of
@@ -94,12 +98,14 @@ def _key(backend: str) -> str:
     return backend if backend in BASE_BYTES else "onnxruntime"
 
 
-def stream_bytes_per_token(config: ReformerConfig) -> int:
-    """Bytes per token of a streamed row's sequence-long arrays (module docstring), float32: the LSH layer's high
-    point is the next head's qk, v and sort index while the previous head's rounds (and, with several rounds, their
-    combination) are still referenced, as the new head's rounds are filled."""
+def stream_bytes_per_token(config: ReformerConfig, heap_reuse: bool = True) -> int:
+    """Bytes per token of a streamed row's sequence-long arrays at their high point (module docstring), float32: the
+    LSH layer's next head's qk, v and sort index while the previous head's rounds (and, with several rounds, their
+    combination) are still referenced; with ``heap_reuse`` (glibc keeps freed memory: the torch backend) the new
+    head's rounds count too, as their ``np.empty`` pages come from memory already touched."""
     dim, n_hashes = config.attention_head_size, config.num_hashes
-    lsh = 2 * dim * 4 + 8 * n_hashes + 2 * (dim + 1) * n_hashes * 4 + (dim * 4 if n_hashes > 1 else 0)
+    rounds = (dim + 1) * n_hashes * 4
+    lsh = 2 * dim * 4 + 8 * n_hashes + rounds * (2 if heap_reuse else 1) + (dim * 4 if n_hashes > 1 else 0)
     return 2 * config.hidden_size * 4 + 8 + 12 + (lsh if "lsh" in config.attn_layers else 0)
 
 
@@ -127,9 +133,12 @@ def footprint(plan: PassPlan) -> Footprint:
         tokens = rows * length
         outputs = tokens * plan.held_width * itemsize
         if plan.stream_from is not None and length >= plan.stream_from:
-            working = (16 * tokens + length * stream_bytes_per_token(config)
-                       + min(length, plan.piece) * STREAM_PIECE_BYTES_PER_POSITION[key])
-            peak = max(peak, held + outputs + working)
+            streams = length * (2 * config.hidden_size * 4 + 20)
+            arrays = length * stream_bytes_per_token(config, HEAP_REUSE[key]) - streams
+            # fresh pages: the outputs' zeroed pages become resident as the last stage writes them, after the layers
+            live = arrays + outputs if HEAP_REUSE[key] else max(arrays, outputs)
+            working = 16 * tokens + streams + live + min(length, plan.piece) * STREAM_PIECE_BYTES_PER_POSITION[key]
+            peak = max(peak, held + working)
             held += outputs
         else:
             chunk = (config.feed_forward_size + config.vocab_size + config.hidden_size) * itemsize
