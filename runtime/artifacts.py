@@ -112,7 +112,17 @@ def onnx_sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- writing
-Payload = bytes | Callable[[BinaryIO], None]
+#: What a file of a set is made of: its bytes, a function writing them to a handle, or a file already written in the
+#: target's directory (``staging_file``), moved into place as it is.
+Payload = bytes | Callable[[BinaryIO], None] | Path
+
+
+def staging_file(path: Path) -> Path:
+    """A new empty temporary file beside ``path``, for a payload written in place (a memory map) before
+    ``write_files_atomic`` moves it there; that call removes it whatever happens."""
+    descriptor, temporary = tempfile.mkstemp(dir=Path(path).absolute().parent, prefix=f".{Path(path).name}.")
+    os.close(descriptor)
+    return Path(temporary)
 
 
 def _umask() -> int:
@@ -124,6 +134,11 @@ def _umask() -> int:
 def _stage(path: Path, data: Payload) -> str:
     """``data`` written, flushed and given open()'s permissions (0666 less the umask, not mkstemp's 0600) in a
     temporary file beside ``path``; returns its name."""
+    if isinstance(data, Path):
+        with open(data, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(data, 0o666 & ~_umask())
+        return str(data)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -151,7 +166,7 @@ def _set_aside(path: Path) -> str:
 
 
 def write_files_atomic(files: Mapping[Path, Payload], label: str = "output") -> None:
-    """Write ``files`` (path -> bytes, or a function writing to a binary handle) as one set: each is staged in a
+    """Write ``files`` (path -> a ``Payload``) as one set: each is staged in a
     temporary file in its own directory, then all are renamed into place. Any failure -- an unwritable directory,
     a full disk, an interrupt -- leaves every path as it was (an old file is kept, no new one appears beside it)
     and no temporary file behind.
@@ -186,7 +201,8 @@ def write_files_atomic(files: Mapping[Path, Payload], label: str = "output") -> 
             raise InputError(f"{label}: cannot write {current} ({os_error_hint(exc)})") from exc
         raise
     finally:
-        for leftover in [*staged.values(), *backups.values()]:
+        written = [str(data) for data in targets.values() if isinstance(data, Path)]  # also when never staged
+        for leftover in [*staged.values(), *backups.values(), *written]:
             if os.path.lexists(leftover):
                 os.unlink(leftover)
 

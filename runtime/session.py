@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from reformer_rt.export.metadata import Quantization
 from reformer_rt.models import InputError, InputTypeError, Reformer, ReformerConfig
-from reformer_rt.models.heads import task_named
+from reformer_rt.models.heads import HIDDEN_STATE, LM_LOGITS, task_named
+from reformer_rt.models.streamed import DEFAULT_PIECE
 
 from . import generation, scoring
 from .artifacts import artifact_kind, cached_export, cached_pieces
@@ -50,10 +51,11 @@ from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches, run_length
 from .errors import BackendUnavailable
 from .hardware import resolve_device
+from .memory import Footprint, PassPlan, available, footprint, size_text, longest_fitting, memory_cap
 from .outputs import (
     PER_POSITION, Alternative, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
 )
-from .streaming import OnnxPieces, Streamer, TorchArrays, streams
+from .streaming import OnnxPieces, Streamer, TorchArrays, stream_tokens, streams
 from .tensorrt_backend import plugin_registered
 from .tokenizers import Tokenizer
 
@@ -129,6 +131,8 @@ class Session:
                              "torch and onnxruntime backends (CPU) from float32 weights")
         self.dtype = dtype
         self._quantize = quantization
+        #: ``$REFORMER_RT_MEMORY_LIMIT`` as this session read it when it opened (``memory.py``).
+        self.memory_cap: int | None = memory_cap()
         self._kind, self._threads = kind, threads
         self._backend: Backend = self._open(name, kind, threads)
         self._companion_backend: Backend | None = None  # see ``_companion``
@@ -198,9 +202,15 @@ class Session:
                 self._streamer_made.append(self._make_streamer())
             return self._streamer_made[0]
 
+    @property
+    def streamable(self) -> bool:
+        """Whether long rows run streamed on this session (``_streamer``), without making the streamer."""
+        return (self._kind == "checkpoint" and self.device == "cpu" and self.dtype == "float32"
+                and self.quantization is None and self.task in ("lm", "base")
+                and self.backend in ("torch", "onnxruntime"))
+
     def _make_streamer(self) -> Streamer | None:
-        if (self._kind != "checkpoint" or self.device != "cpu" or self.dtype != "float32"
-                or self.quantization is not None or self.task not in ("lm", "base") or self.backend not in ("torch", "onnxruntime")):
+        if not self.streamable:
             return None
         if isinstance(self._backend, TorchBackend):
             return Streamer(TorchArrays(self._backend.model), self.config, self.task)
@@ -262,6 +272,11 @@ class Session:
         options = self.output_options(top_k, pooling)
         seqs = self.check_sequences(sequences, attention_mask)
         destinations = _check_out(out, kinds, seqs, self.config)
+        budget, source = available(self.memory_cap)
+        refusal = self.memory_refusal([len(s) for s in seqs], kinds, [k.name for k in kinds if k.name not in
+                                                                      destinations], budget, source)
+        if refusal is not None:
+            raise InputError(refusal)
         jobs = [SequenceJob(seq, kinds, options, {name: array[i, :len(seq)] for name, array in destinations.items()})
                 for i, seq in enumerate(seqs)]
         for name, array in destinations.items():
@@ -305,6 +320,54 @@ class Session:
             route = kind.route(self._backend.outputs) or kind.route((*self._backend.outputs, *self._companion_outputs))
         assert route is not None, f"output {kind.name} was accepted but cannot be computed"
         return route
+
+    # ------------------------------------------------------------------------------------------------- memory
+    def memory_footprint(self, lengths: Sequence[int], kinds: Sequence[OutputKind],
+                         in_memory: Sequence[str]) -> Footprint:
+        """The predicted peak of one call on sequences of these ``lengths`` giving ``kinds`` (``memory.py``), of
+        which ``in_memory`` come back in memory (the others go into the caller's arrays)."""
+        return footprint(self._memory_plan(lengths, kinds, in_memory))
+
+    def _memory_plan(self, lengths: Sequence[int], kinds: Sequence[OutputKind], in_memory: Sequence[str]) -> PassPlan:
+        plan = plan_batches(self.config, list(lengths), self.max_tokens_per_batch)
+        batches = [(1 if self.quantization is not None else len(b.indices), b.length)  # int8: a row per pass
+                   for b in plan.batches for _ in range(len(b.indices) if self.quantization is not None else 1)]
+        sources = {self._route(kind, None).source for kind in kinds}
+        widths = {LM_LOGITS.name: self.config.vocab_size, HIDDEN_STATE.name: 2 * self.config.hidden_size}
+        raw_width = sum(widths.get(name, 1) for name in sources if self._per_position.get(name, False))
+        held_width = sum(int(np.prod([size for size in kind.shape(self.config)[1:] if size > 0]))
+                         for kind in kinds if kind.name in in_memory and kind.dims[:1] in (("n",), ("n-1",)))
+        return PassPlan(self.config, self.backend, self.dtype, stream_tokens() if self.streamable else None,
+                        DEFAULT_PIECE, batches, raw_width, held_width)
+
+    def memory_refusal(self, lengths: Sequence[int], kinds: Sequence[OutputKind], in_memory: Sequence[str],
+                       budget: int, source: str) -> str | None:
+        """Why a call would not fit ``budget`` bytes beyond what the process holds (None: it fits): the predicted
+        need, the longest single sequence that fits with these outputs, and what lowers the need."""
+        need = self.memory_footprint(lengths, kinds, in_memory)
+        if need.working <= budget:
+            return None
+        longest = longest_fitting(lambda n: self.memory_footprint([n], kinds, in_memory).working, budget,
+                                  self.max_sequence_length, [stream_tokens()] if self.streamable else [])
+        ways = []
+        held = [name for name in in_memory if name in ("logits", "last_hidden_state")]
+        if held and footprint(dataclasses.replace(self._memory_plan(lengths, kinds, in_memory),
+                                                  held_width=0)).working < need.working:
+            ways.append(f"write {' and '.join(held)} into a memory map instead of memory (Session.run(out={{{held[0]!r}:"
+                        " numpy.lib.format.open_memmap(...)}), reformer-rt run -o FILE.npy)")
+        ways.append("ask only reduced outputs (log_probs, last_logits, top_k_ids, embedding)")
+        if len(lengths) > 1:
+            ways.append(f"fewer sequences per call or a smaller max_tokens_per_batch (now {self.max_tokens_per_batch:,})")
+        other = "torch" if self.backend == "onnxruntime" else "onnxruntime"
+        if self.backend in ("torch", "onnxruntime") and self._kind == "checkpoint":
+            theirs = footprint(dataclasses.replace(self._memory_plan(lengths, kinds, in_memory), backend=other))
+            if theirs.working < need.working:
+                ways.append(f"backend {other!r} (predicted {size_text(theirs.working)})")
+        fits = f"at most {longest:,} tokens in one sequence" if longest else "no sequence at all"
+        return (f"memory: this call needs about {size_text(need.working)} beyond what the process holds (predicted "
+                f"peak {size_text(need.peak)}, {len(lengths)} sequence(s), longest {max(lengths):,} tokens, outputs "
+                f"{[kind.name for kind in kinds]}); {size_text(budget)} are available ({source}); expected {fits} "
+                f"with these outputs on this session -- to need less: {'; '.join(ways)}")
 
     def output_options(self, top_k: int = OutputOptions.top_k, pooling: str = OutputOptions.pooling) -> OutputOptions:
         """A caller's options, with the model's own (``problem_type``)."""

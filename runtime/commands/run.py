@@ -3,7 +3,8 @@
 Inputs: ``--ids FILE`` (JSON list of id lists, or a 2-D .npy int array) or ``--text FILE`` (repeatable; each file
 is one sequence, ``-`` reads stdin). Outputs: the model's own (an LM's logits, a classifier's logits, QA start and
 end logits, a bare model's hidden states), or ``--embed``: ``-o OUT.npy`` (one padded output array;
-``OUT.lengths.npy`` beside it), ``-o OUT.npz`` (every output and ``lengths`` by name: what a QA model needs),
+``OUT.lengths.npy`` beside it; per-position logits or hidden states are written into it as a memory map while the
+model runs, so long ones are never held in memory), ``-o OUT.npz`` (every output and ``lengths`` by name: what a QA model needs),
 ``-o OUT.json`` (lengths + nested lists: only sensible for small outputs), and always a one-line JSON summary on
 stdout (backend, quantization, shapes, padding waste, and for language models the bits per token of the input).
 The output files are written atomically as a set: a failed or interrupted run leaves neither file new (an old pair
@@ -23,7 +24,7 @@ import numpy as np
 from reformer_rt.export.metadata import QUANTIZE_SCHEMES
 from reformer_rt.models import InputError
 
-from ..artifacts import Payload, write_files_atomic
+from ..artifacts import Payload, staging_file, write_files_atomic
 from ..batching import DEFAULT_MAX_TOKENS
 from ..session import BACKENDS, Session
 from ..tokenizers import load_tokenizer
@@ -106,6 +107,28 @@ def _bits_per_token(log_probs: list[np.ndarray]) -> list[float]:
     return [float(-row.mean() / math.log(2)) if row.size else float("nan") for row in log_probs]
 
 
+def _memory_map(output: Path | None, session: Session, sequences: object,
+                names: list[str]) -> tuple[Path, np.ndarray] | None:
+    """For ``-o OUT.npy`` of a per-position output (an LM's logits, hidden states): a .npy memory map staged beside
+    OUT, of the padded shape, which the run writes into piece by piece (``Session.run(out=...)``) -- the file
+    ``np.save`` would write, without holding the whole array in memory. None for other outputs and files."""
+    if output is None or output.suffix != ".npy" or len(names) != 1:
+        return None
+    kind = session.output_kinds(names)[0]
+    width = kind.shape(session.config)[1:]
+    if kind.dims[:1] != ("n",) or not kind.passed_through or len(width) != 1:
+        return None
+    lengths = [len(seq) for seq in session.check_sequences(sequences)]
+    path = staging_file(output)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                          shape=(len(lengths), max(lengths), width[0]))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, array
+
+
 def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         _output_files(args.output, lengths=not args.embed)
@@ -116,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.suffix == ".npy" and len(names) > 1:
         raise InputError(f"--output: this model gives {names}; one .npy file holds one array -- use -o OUT.npz")
     scoring = ["log_probs"] if session.task == "lm" and not args.embed else []
-    result = session.run(sequences, outputs=[*names, *scoring], pooling=args.embed or "mean")
+    staged = _memory_map(args.output, session, sequences, names)
+    try:
+        out = None if staged is None else {names[0]: staged[1]}
+        result = session.run(sequences, outputs=[*names, *scoring], pooling=args.embed or "mean", out=out)
+    except BaseException:
+        if staged is not None:
+            staged[0].unlink(missing_ok=True)
+        raise
     arrays = {name: result[name] for name in names}
     lengths = None if args.embed else result["lengths"]
     summary = {"backend": session.backend, "quantize": None if session.quantization is None else
@@ -129,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
                                          for b in _bits_per_token(result.rows["log_probs"])]
     if args.output is not None:
         payloads: list[Payload]
-        if args.output.suffix == ".npy":
+        if staged is not None:
+            staged[1].flush()
+            payloads = [staged[0], lambda f: np.save(f, lengths)]
+        elif args.output.suffix == ".npy":
             payloads = [lambda f: np.save(f, arrays[names[0]]), lambda f: np.save(f, lengths)]
         elif args.output.suffix == ".npz":
             everything = {**arrays, **({} if lengths is None else {"lengths": lengths})}

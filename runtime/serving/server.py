@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from reformer_rt.export.metadata import package_version
 
+from .admission import MemoryAdmission
 from .generating import GenerationLimits
 from .host import ListenerOptions, check_restricted, find_service, repository_index
 from .metrics import Metrics
@@ -68,8 +69,10 @@ class InferenceServer:
         self.unavailable = dict(unavailable or {})
         self.metrics = Metrics()
         self.schedulers = {m.name: Scheduler(m, options.scheduler, self.metrics) for m in models}
-        self.services = {m.name: ModelService(m, self.schedulers[m.name], self.metrics, options.generation)
-                         for m in models}
+        #: One memory budget for every model (``admission.py``): what the process may take once they are open.
+        self.admission = MemoryAdmission.here()
+        self.services = {m.name: ModelService(m, self.schedulers[m.name], self.metrics, options.generation,
+                                              self.admission) for m in models}
         self.live = False
         self.ready = False
         self._listeners: list[Listener] = []

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 
 from . import generating
+from .admission import MemoryAdmission
 from .model import ParsedRequest, ServedModel
-from .protocol import InferRequest, InferResponse, Unavailable, error_status
+from .protocol import InferRequest, InferResponse, PayloadTooLarge, Unavailable, error_status
 
 if TYPE_CHECKING:  # prometheus_client is the serve extra's; Triton's Python backend runs services without it
     from .metrics import Metrics
@@ -82,8 +83,10 @@ class _Account:
 
 class ModelService:
     def __init__(self, model: ServedModel, runner: Runner, metrics: Metrics | None = None,
-                 limits: generating.GenerationLimits = generating.GenerationLimits()) -> None:
+                 limits: generating.GenerationLimits = generating.GenerationLimits(),
+                 admission: MemoryAdmission | None = None) -> None:
         self.model, self.runner, self.metrics, self.limits = model, runner, metrics, limits
+        self.admission = admission
         self.ready = False
 
     @property
@@ -128,7 +131,8 @@ class ModelService:
                 account.generated = await generating.collect(self.model, generate, self.runner.iterate)
                 return generating.infer_response(self.model, request, generate, account.generated)
             parsed = self.model.parse(request)
-            done = await self.runner.forward(parsed)
+            async with self._admitted(parsed):
+                done = await self.runner.forward(parsed)
             account.tokens, account.queue_us, account.compute_us = parsed.tokens, done.queue_us, done.compute_us
             return self.model.respond(request, parsed, done.rows)
 
@@ -158,6 +162,18 @@ class ModelService:
             async for generated in generating.stream(self.model, request, self.runner.iterate):
                 account.generated[generated.event.prompt].append(generated)
                 yield generated
+
+    def _admitted(self, parsed: ParsedRequest) -> contextlib.AbstractAsyncContextManager[None]:
+        """The request's share of the memory budget (``admission.py``), or a 413 naming what fits when it can never
+        have it; no budget without an admission (hosts other than ``reformer-rt serve``)."""
+        if self.admission is None:
+            return contextlib.nullcontext()
+        session, names = self.model.session, [kind.name for kind in parsed.kinds]
+        lengths = [len(seq) for seq in parsed.sequences]
+        refusal = session.memory_refusal(lengths, parsed.kinds, names, self.admission.budget, self.admission.source)
+        if refusal is not None:
+            raise PayloadTooLarge(refusal)
+        return self.admission.admitted(session.memory_footprint(lengths, parsed.kinds, names).working)
 
     def _check_ready(self) -> None:
         if not self.ready:
