@@ -13,8 +13,10 @@ chunk 64, axial 512 x 1024) or ``enwik8-like`` (6 layers local/LSH, d=512, 8 hea
 buckets 32 x 32). ``--profile`` adds, for each ONNX Runtime point, one profiled run and its time per operator type.
 
 Writes ``bench.json`` and ``bench.png`` (matplotlib) into ``--out`` (together, atomically) and prints a markdown
-table with the machine. ONNX Runtime points use a portable export made once before timing (export time is not
-counted). Arguments, the model and ``--out`` are checked before any work. A point that fails is recorded with its
+table with the machine. Every Session point opens the checkpoint, as a user's ``Session(checkpoint)`` does, so rows
+of at least 65,536 tokens on torch and ONNX Runtime run streamed (``streaming.py``); the ONNX Runtime points' portable
+exports (float and int8) and piece graphs are made once before timing in the run's own export cache (export time is
+not counted). Arguments, the model and ``--out`` are checked before any work. A point that fails is recorded with its
 error and the command exits non-zero: 2 when every failure is a user error (a length over the model's maximum, a
 backend that is not installed), else 1. The worker, the report's machine and versions, the table, the plot and
 the exit code are the harness's (``harness.py``); this module holds the forward pass and its arguments.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -37,7 +40,7 @@ from reformer_rt.models import InputError, ReformerConfig, ReformerLM
 from reformer_rt.models.checkpoint import CONFIG_FILE
 from reformer_rt.models.presets import ARCHITECTURES
 
-from ..artifacts import write_files_atomic
+from ..artifacts import CACHE_ENV, cached_export, cached_pieces, write_files_atomic
 from .harness import (
     Panel, Point, Provenance, answer_worker, check_failures, has_transformers, json_bytes, line_plot, make_out_dir,
     markdown_table, measure_in_workers, parse_ints, peak_memory,
@@ -87,7 +90,7 @@ class ForwardSpec:
     threads: int
     profile: bool
     checkpoint: str
-    onnx: str | None  # the portable export (int8 for onnxruntime-int8), for the onnxruntime backends
+    onnx: str | None  # the cached portable export the onnxruntime backends open (int8 for onnxruntime-int8)
     keep_float: tuple[str, ...] = ()  # int8 backends: the hashing parts left float
 
     def pending(self) -> Point:
@@ -142,10 +145,9 @@ def _session_step(spec: ForwardSpec, ids: np.ndarray) -> Callable[[], None]:
     from ..session import Session
 
     backend, int8 = spec.backend.removesuffix(INT8), spec.backend.endswith(INT8)
-    session = Session(spec.onnx or spec.checkpoint, backend=backend, threads=spec.threads,
+    session = Session(spec.checkpoint, backend=backend, threads=spec.threads,
                       max_tokens_per_batch=spec.batch * spec.length,
-                      # an int8 export is int8 as it is
-                      quantize=Quantization("int8", spec.keep_float) if int8 and spec.onnx is None else None)
+                      quantize=Quantization("int8", spec.keep_float) if int8 else None)
     assert (session.quantization is not None) == int8, f"{spec.backend}: runs {session.quantization}"
     return lambda: session.run(ids)
 
@@ -263,20 +265,36 @@ def run(args: argparse.Namespace) -> int:
 
             torch.manual_seed(0)
             ReformerLM(ARCHITECTURES[args.arch]).save_pretrained(checkpoint)
-        exports = {}
-        for backend in ("onnxruntime", "onnxruntime" + INT8):
-            if backend in backends:
-                from reformer_rt.export import export_onnx
-
-                exports[backend] = str(Path(tmp) / f"{backend}.onnx")
-                export_onnx(checkpoint, exports[backend], attention="portable", validate=False, log=None,
-                            quantize=Quantization("int8", keep) if backend.endswith(INT8) else None)
-        specs = [ForwardSpec(b, batch, length, args.repeat, args.threads, args.profile, str(checkpoint),
-                             exports.get(b), keep)
-                 for batch in batches for length in lengths
-                 for b in (["hf"] if args.hf and has_transformers() else []) + backends]
-        points = measure_in_workers(COMMAND, specs, args.quiet)
+        cache = os.environ.get(CACHE_ENV)
+        os.environ[CACHE_ENV] = str(Path(tmp) / "cache")  # the workers inherit it: they open what is made here
+        try:
+            exports = _prepare_exports(Path(checkpoint), backends, keep)
+            specs = [ForwardSpec(b, batch, length, args.repeat, args.threads, args.profile, str(checkpoint),
+                                 exports.get(b), keep)
+                     for batch in batches for length in lengths
+                     for b in (["hf"] if args.hf and has_transformers() else []) + backends]
+            points = measure_in_workers(COMMAND, specs, args.quiet)
+        finally:
+            if cache is None:
+                os.environ.pop(CACHE_ENV, None)
+            else:
+                os.environ[CACHE_ENV] = cache
     return _report(args, points)
+
+
+def _prepare_exports(checkpoint: Path, backends: list[str], keep: tuple[str, ...]) -> dict[str, str]:
+    """The cache entries the ONNX Runtime points open, made before any timing: the portable export per
+    quantization and (float) the piece graphs of streamed rows."""
+    exports = {}
+    for backend in ("onnxruntime", "onnxruntime" + INT8):
+        if backend in backends:
+            quantization = Quantization("int8", keep) if backend.endswith(INT8) else None
+            exports[backend] = str(cached_export(checkpoint, quantization=quantization))
+    if "onnxruntime" in backends:
+        from reformer_rt.export import load_source
+
+        cached_pieces(load_source(checkpoint))
+    return exports
 
 
 def _report(args: argparse.Namespace, points: list[Point]) -> int:

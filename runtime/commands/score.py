@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reformer_rt.export.metadata import QUANTIZE_SCHEMES
 from reformer_rt.models import InputError
 
 from ..artifacts import write_atomic
@@ -42,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("-o", "--output", type=Path, metavar="OUT.json", help="also write the JSON result to this file")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, help="a checkpoint on the torch or onnxruntime backend: "
+                   "int8 weight products (an int8 .onnx file runs in int8 without it)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--max-tokens-per-batch", type=int, default=DEFAULT_MAX_TOKENS,
                    help="padded tokens per forward pass: windows are batched up to this")
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     check_window(args.window, args.stride, max_length=None)  # what holds whatever the model: before opening it
     source = _read_ids(args.ids) if args.ids is not None else _read_text(args.file)
     session = Session(args.model, backend=args.backend, device=args.device,
-                      max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet)
+                      max_tokens_per_batch=args.max_tokens_per_batch, progress=not args.quiet, quantize=args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, session.config, required=True) if args.tokenizer else None
     result = session.score(source, window=args.window, stride=args.stride, tokenizer=tokenizer)
     record = result.as_dict()

@@ -157,3 +157,21 @@ def test_bench_reports_int8_against_its_backends_float_row() -> None:
     assert int8_ratios(points) == {("onnxruntime-int8", 1, 16384): (0.5, 0.75)}  # torch's float row is missing
     text = table(points)
     assert "vs fp32" in text and "2.00x faster, memory 0.75x" in text
+
+
+def test_score_command_scores_an_int8_export_and_a_quantized_checkpoint(root: Artifacts, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``reformer-rt score`` takes int8 as run does, and gives the int8 Session's own score (not the float one's)."""
+    from reformer_rt.runtime.commands import cli
+
+    ids = _sequences(2)[4]  # 128 tokens: one window
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    cases = ((tiny_int8_export(root), [], Session(tiny_int8_export(root))),
+             (tiny_checkpoint(root), ["--backend", "torch", "--quantize", "int8"],
+              Session(tiny_checkpoint(root), backend="torch", quantize="int8")))
+    float_nll = Session(tiny_checkpoint(root), backend="torch").score(ids).nll
+    for model, extra, session in cases:
+        assert cli.main(["score", str(model), "--ids", str(tmp_path / "ids.json"), "--json", "--quiet", *extra]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["nll"] == pytest.approx(session.score(ids).nll, abs=1e-6)
+        assert got["nll"] != pytest.approx(float_nll, abs=1e-7)  # int8 ran, not the float model
