@@ -216,10 +216,10 @@ def int8_ratios(points: list[Point]) -> dict[tuple[str, int, int], tuple[float, 
     return out
 
 
-def _batch1(points: list[Point]) -> dict[str, list[tuple[int, float]]]:
-    """(length, seconds) at batch 1 per backend, by length."""
-    return {impl: sorted((p.length, p.seconds) for p in points
-                         if p.impl == impl and p.batch == 1 and p.seconds is not None)
+def _batch1(points: list[Point], gigabytes: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """(length, seconds) -- or (length, peak GB) -- at batch 1 per backend, by length."""
+    return {impl: sorted((p.length, p.peak_bytes / 1e9 if gigabytes else p.seconds) for p in points
+                         if p.impl == impl and p.batch == 1 and p.seconds is not None and p.peak_bytes is not None)
             for impl in sorted({p.impl for p in points})}
 
 
@@ -308,8 +308,9 @@ def _report(args: argparse.Namespace, points: list[Point]) -> int:
                                for (impl, batch, length), ratios in int8_ratios(points).items()]}
     files: dict[Path, bytes] = {args.out / "bench.json": json_bytes(report)}
     ran = any(p.seconds is not None for p in points)
-    image = line_plot([Panel(_batch1(points), "sequence length (tokens)", "forward time (s), batch 1")],
-                      f"reformer-rt bench on {provenance.machine}") if ran else None
+    image = line_plot([Panel(_batch1(points), "sequence length (tokens)", "forward time (s), batch 1"),
+                       Panel(_batch1(points, gigabytes=True), "sequence length (tokens)", "peak memory (GB), batch 1")],
+                      f"reformer-rt bench on {provenance.machine}", size=(11, 4.5)) if ran else None
     if image is not None:
         files[args.out / "bench.png"] = image
     write_files_atomic(files, label="--out")

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from helpers.artifacts import BYTE_LM, Artifacts
+from helpers.artifacts import BYTE_LM, Artifacts, byte_lm_checkpoint, byte_lm_export
 
 from reformer_rt.export import (
     ExportError, ExportReport, QualityCheck, Quantization, ValidationError, export_info, export_onnx, load_source, lowering,
@@ -33,35 +33,22 @@ from reformer_rt.runtime.commands import cli
 CONFIG = BYTE_LM.config
 
 
-@pytest.fixture(scope="module")
-def root(artifacts: Artifacts) -> Artifacts:
-    return artifacts
-
-
-def tiny_checkpoint(artifacts: Artifacts) -> Path:
-    return artifacts.checkpoint(BYTE_LM)
-
-
-def tiny_export(artifacts: Artifacts) -> Path:
-    return artifacts.export(BYTE_LM)
-
-
 def tiny_int8_report(artifacts: Artifacts) -> ExportReport:
     return artifacts.export_report(BYTE_LM, quantize="int8")
 
 
 @functools.cache
-def _traced(root: Artifacts) -> bytes:
-    model = load_source(tiny_checkpoint(root))
+def _traced(artifacts: Artifacts) -> bytes:
+    model = load_source(byte_lm_checkpoint(artifacts))
     return lowering.trace(model, "portable", "float32", CONFIG.max_position_embeddings, 18).SerializeToString()
 
 
 @pytest.fixture
-def retraced(root: Artifacts, monkeypatch: pytest.MonkeyPatch) -> Path:
+def retraced(artifacts: Artifacts, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The tiny checkpoint, whose next exports reuse one trace of it."""
-    traced = _traced(root)
+    traced = _traced(artifacts)
     monkeypatch.setattr(lowering, "trace", lambda *args, **kwargs: onnx.ModelProto.FromString(traced))
-    return tiny_checkpoint(root)
+    return byte_lm_checkpoint(artifacts)
 
 
 def _ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -71,8 +58,8 @@ def _ops(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def test_int8_export_quantizes_weights_keeps_hashing_float_and_reports_task_metrics(root: Artifacts) -> None:
-    report = tiny_int8_report(root)
+def test_int8_export_quantizes_weights_keeps_hashing_float_and_reports_task_metrics(artifacts: Artifacts) -> None:
+    report = tiny_int8_report(artifacts)
     model = onnx.load(str(report.path))
     ops = _ops(model)
     # 1 local layer (q, k, v, out, 2 feed-forward), 1 LSH layer (value, out, 2 feed-forward), the LM head
@@ -127,8 +114,8 @@ def test_validation_text_is_the_callers(retraced: Path, tmp_path: Path) -> None:
     assert report.quality is not None and report.quality.source == "f.py" and report.quality.windows == 4
 
 
-def test_int8_needs_the_float32_portable_graph_of_a_language_model(root: Artifacts, tmp_path: Path) -> None:
-    checkpoint = tiny_checkpoint(root)
+def test_int8_needs_the_float32_portable_graph_of_a_language_model(artifacts: Artifacts, tmp_path: Path) -> None:
+    checkpoint = byte_lm_checkpoint(artifacts)
     with pytest.raises(ExportError, match="plugin"):
         export_onnx(checkpoint, tmp_path / "x.onnx", attention="plugin", quantize="int8")
     with pytest.raises(ExportError, match="float16"):
@@ -142,12 +129,12 @@ def test_int8_needs_the_float32_portable_graph_of_a_language_model(root: Artifac
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quantization_record_round_trips_and_float_files_have_none(root: Artifacts) -> None:
+def test_quantization_record_round_trips_and_float_files_have_none(artifacts: Artifacts) -> None:
     record = Quantization("int8", ("query_key", "rotations"), 7, "tool 1")
     assert record.fp32 == HASHING_PARTS  # one canonical order
     assert Quantization.from_json(record.to_json()) == record
     assert Quantization.from_json(None) is None
-    assert export_info(tiny_export(root)).quantization is None
+    assert export_info(byte_lm_export(artifacts)).quantization is None
 
 
 def test_gemm_rewritten_as_matmul_gives_the_same_numbers() -> None:
@@ -168,11 +155,11 @@ def test_gemm_rewritten_as_matmul_gives_the_same_numbers() -> None:
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
 
 
-def test_graph_bucket_ids_equal_the_models_in_float(root: Artifacts) -> None:
+def test_graph_bucket_ids_equal_the_models_in_float(artifacts: Artifacts) -> None:
     """The bucket probe of the validation copy reads the ids the graph hashes with: in float they are the model's."""
-    model = load_source(tiny_checkpoint(root))
+    model = load_source(byte_lm_checkpoint(artifacts))
     ids = np.random.default_rng(1).integers(2, 258, (2, 64), dtype=np.int64)
-    logits, buckets = graph_forward(onnx.load(str(tiny_export(root))))(ids)
+    logits, buckets = graph_forward(onnx.load(str(byte_lm_export(artifacts))))(ids)
     ref_logits, ref_buckets = torch_forward(model)(ids)
     assert len(buckets) == len(ref_buckets) == 1 and buckets[0].shape == (2, 2, 1, 64)
     np.testing.assert_array_equal(buckets[0], ref_buckets[0])

@@ -88,3 +88,17 @@ class Artifacts:
                                                               ("max_length", None), ("validate", False),
                                                               ("quantize", None))))
         return self._reports[key]
+
+
+def byte_lm_checkpoint(artifacts: Artifacts) -> Path:
+    return artifacts.checkpoint(BYTE_LM)
+
+
+def byte_lm_export(artifacts: Artifacts) -> Path:
+    """``BYTE_LM``'s float portable export, unvalidated."""
+    return artifacts.export(BYTE_LM)
+
+
+def byte_lm_int8_export(artifacts: Artifacts) -> Path:
+    """``BYTE_LM``'s int8 portable export, validated by its task metrics on text."""
+    return artifacts.export(BYTE_LM, quantize="int8")
