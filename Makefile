@@ -30,7 +30,7 @@ demo: $(VENV)/.core
 	$(BIN)/reformer-rt demo
 
 # `make test`: every test but the `slow` ones (deselected, not skipped). `make test-slow`: only those.
-# `make test-all`: all of them. CI (.ci/run) runs make test, then make triton-check.
+# `make test-all`: all of them. CI (.ci/run) runs make test, make triton-check and three slow modules.
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow"
 
