@@ -170,10 +170,12 @@ class ModelService:
             return contextlib.nullcontext()
         session, names = self.model.session, [kind.name for kind in parsed.kinds]
         lengths = [len(seq) for seq in parsed.sequences]
-        refusal = session.memory_refusal(lengths, parsed.kinds, names, self.admission.budget, self.admission.source)
-        if refusal is not None:
+        need = session.memory_footprint(lengths, parsed.kinds, names).working  # once per request; refusals explain
+        if need > self.admission.budget:
+            refusal = session.memory_refusal(lengths, parsed.kinds, names, self.admission.budget, self.admission.source)
+            assert refusal is not None, "the refusal predicts what the admission predicted"
             raise PayloadTooLarge(refusal)
-        return self.admission.admitted(session.memory_footprint(lengths, parsed.kinds, names).working)
+        return self.admission.admitted(need)
 
     def _check_ready(self) -> None:
         if not self.ready:
