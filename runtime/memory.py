@@ -100,14 +100,13 @@ def _key(backend: str) -> str:
     return backend if backend in BASE_BYTES else "onnxruntime"
 
 
-def stream_bytes_per_token(config: ReformerConfig, heap_reuse: bool = True) -> int:
+def stream_bytes_per_token(config: ReformerConfig) -> int:
     """Bytes per token of a streamed row's sequence-long arrays at their high point (module docstring), float32: the
-    LSH layer's next head's qk, v and sort index while the previous head's rounds (and, with several rounds, their
-    combination) are still referenced; with ``heap_reuse`` (glibc keeps freed memory: the torch backend) the new
-    head's rounds count too, as their ``np.empty`` pages come from memory already touched."""
+    two streams, the ids and mask, and an LSH layer's head arrays (``streaming._HeadArrays``, made once per layer and
+    reused by its heads): qk, v, the buckets and sort index, the rounds' outputs and logsumexp and, with several
+    rounds, their combination."""
     dim, n_hashes = config.attention_head_size, config.num_hashes
-    rounds = (dim + 1) * n_hashes * 4
-    lsh = 2 * dim * 4 + 8 * n_hashes + rounds * (2 if heap_reuse else 1) + (dim * 4 if n_hashes > 1 else 0)
+    lsh = 2 * dim * 4 + 8 * n_hashes + (dim + 1) * n_hashes * 4 + (dim * 4 if n_hashes > 1 else 0)
     return 2 * config.hidden_size * 4 + 8 + 12 + (lsh if "lsh" in config.attn_layers else 0)
 
 
@@ -136,7 +135,7 @@ def footprint(plan: PassPlan) -> Footprint:
         outputs = tokens * plan.held_width * itemsize
         if plan.stream_from is not None and length >= plan.stream_from:
             streams = length * (2 * config.hidden_size * 4 + 20)
-            arrays = length * stream_bytes_per_token(config, HEAP_REUSE[key]) - streams
+            arrays = length * stream_bytes_per_token(config) - streams
             # fresh pages: the outputs' zeroed pages become resident as the last stage writes them, after the layers
             live = arrays + outputs if HEAP_REUSE[key] else max(arrays, outputs)
             working = 16 * tokens + streams + live + min(length, plan.piece) * STREAM_PIECE_BYTES_PER_POSITION[key]
