@@ -53,8 +53,9 @@ MEMORY_LIMIT_ENV = "REFORMER_RT_MEMORY_LIMIT"
 BASE_BYTES = {"torch": 287_000_000, "onnxruntime": 338_000_000}
 #: One piece's intermediates per position of the piece (streamed path), measured; on ONNX Runtime it includes the
 #: piece graphs' sessions, opened with the first streamed row. On torch, at the high end of repeated runs: the one
-#: heap all threads share (``HEAP_REUSE``) fragments differently from run to run as the pool's threads interleave
-#: their allocations -- one 32,768-token piece peaked between 850 and 1,070 MB over 38 runs of the same call.
+#: heap every thread shares (``HEAP_REUSE``) fragments differently from run to run (the same spread with one
+#: thread, without huge pages, without address randomisation) -- one 32,768-token piece peaked between 850 and
+#: 1,017 MB over 38 runs of the same call here, and at 1,072 MB once on another run.
 STREAM_PIECE_BYTES_PER_POSITION = {"torch": 14_700, "onnxruntime": 16_800}
 #: Whether the process keeps freed memory for reuse (``backends.reuse_freed_memory``: the torch backend sets it);
 #: without, a large array's pages become resident only as they are written, and return when it is freed.

@@ -219,10 +219,10 @@ class _HeadArrays:
     """One LSH head's sequence-long arrays, made once per LSH layer and reused by each of its heads: made per head,
     a process that keeps freed memory (the torch backend) held the next head's rounds beside the last one's, and
     one that does not faulted every array in afresh. Measured (crime-and-punishment, one fresh process per point,
-    AMD EPYC, 2 cores): 524,288 tokens peaked at 3,429 MB on torch and 2,689 on ONNX Runtime, against 3,648 and 2,931
-    measured the same way with per-head arrays, in the same time within this machine's noise. Made once per sequence instead, they stay resident
-    through the local layers' and feed-forward pieces too: 262,144 tokens on ONNX Runtime then peaked at 2,209 MB
-    instead of 1,804."""
+    AMD EPYC, 2 cores): 524,288 tokens peaked at 3,429 MB on torch and 2,689 on ONNX Runtime, against 3,648 and
+    2,931 measured the same way with per-head arrays, in the same time within this machine's noise. Made once per
+    sequence instead, they stay resident through the local layers' and feed-forward pieces too: 262,144 tokens on
+    ONNX Runtime then peaked at 2,209 MB instead of 1,804."""
 
     def __init__(self, config: ReformerConfig, length: int) -> None:
         dim, n_hashes = config.attention_head_size, config.num_hashes
