@@ -48,6 +48,15 @@ def _probe(checkpoint: Path, backend: str, length: int, env: dict[str, str], *ex
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median_probe(checkpoint: Path, backend: str, length: int, env: dict[str, str], runs: int) -> dict:
+    """The probe's point with the median peak of ``runs`` fresh processes. On torch one process's peak is not
+    reproducible: the one glibc heap its threads share (``backends.reuse_freed_memory``) fragments differently from
+    run to run -- the same call at 16,384 tokens peaked between 706 and 886 MB, at 32,768 streamed between 850 and
+    1,072 MB -- so the model is held to the middle of three, not to whichever run comes."""
+    points = sorted((_probe(checkpoint, backend, length, env) for _ in range(runs)), key=lambda p: p["peak_bytes"])
+    return points[len(points) // 2]
+
+
 def _check_prediction(point: dict) -> None:
     error = point["predicted_bytes"] / point["peak_bytes"] - 1
     assert abs(error) <= TOLERANCE, (f"{point['backend']} at {point['length']:,} tokens: predicted "
@@ -57,14 +66,15 @@ def _check_prediction(point: dict) -> None:
 
 @pytest.mark.parametrize(("length", "stream_from"), [(16384, None), (32768, 16384)])
 def test_prediction_is_within_15_percent_of_the_measured_peak_on_torch(crime, tmp_path, length, stream_from) -> None:
-    """One forward pass per fresh process: the whole-sequence path at 16K, the streamed path at 32K (streaming made
-    to start there, so the point runs in seconds) -- each peak measured with imports and weights."""
+    """One forward pass per fresh process, three processes per point (``_median_probe``): the whole-sequence path at
+    16K, the streamed path at 32K (streaming made to start there, so the point runs in seconds) -- each peak measured
+    with imports and weights."""
     import os
 
     env = {**os.environ, CACHE_ENV: str(tmp_path)}
     if stream_from is not None:
         env[STREAM_TOKENS_ENV] = str(stream_from)
-    _check_prediction(_probe(crime, "torch", length, env))
+    _check_prediction(_median_probe(crime, "torch", length, env, runs=3))
 
 
 @pytest.fixture(scope="module")
