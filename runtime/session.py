@@ -51,7 +51,8 @@ from .backends import Backend, OnnxRuntimeBackend, TorchBackend
 from .batching import DEFAULT_MAX_TOKENS, BatchPlan, plan_batches, run_length
 from .errors import BackendUnavailable
 from .hardware import resolve_device
-from .memory import Footprint, PassPlan, available, footprint, size_text, longest_fitting, memory_cap
+from .memory import (Footprint, PassPlan, available, footprint, longest_fitting, memory_cap, resident_bytes,
+                     size_text)
 from .outputs import (
     PER_POSITION, Alternative, OutputKind, OutputOptions, SequenceJob, available_outputs, output_kind, pad_stack,
 )
@@ -135,6 +136,8 @@ class Session:
         self.memory_cap: int | None = memory_cap()
         self._kind, self._threads = kind, threads
         self._backend: Backend = self._open(name, kind, threads)
+        #: the process's resident bytes with this session open: the memory model's ``base`` (``memory.py``)
+        self._base_bytes = resident_bytes()
         self._companion_backend: Backend | None = None  # see ``_companion``
         self._companion_lock = threading.Lock()
         self._streamer_made: list[Streamer | None] = []  # see ``_streamer``
@@ -338,7 +341,7 @@ class Session:
         held_width = sum(int(np.prod([size for size in kind.shape(self.config)[1:] if size > 0]))
                          for kind in kinds if kind.name in in_memory and kind.dims[:1] in (("n",), ("n-1",)))
         return PassPlan(self.config, self.backend, self.dtype, stream_tokens() if self.streamable else None,
-                        DEFAULT_PIECE, batches, raw_width, held_width)
+                        DEFAULT_PIECE, batches, raw_width, held_width, self._base_bytes)
 
     def memory_refusal(self, lengths: Sequence[int], kinds: Sequence[OutputKind], in_memory: Sequence[str],
                        budget: int, source: str) -> str | None:
