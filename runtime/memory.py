@@ -2,7 +2,7 @@
 this process may still take -- so that a call (or a served request) that cannot fit is refused with a way out
 instead of being killed by the kernel half-way.
 
-Predicted peak resident bytes = ``base`` (the process, its imports and the weights: per backend, measured) + the
+Predicted peak resident bytes = ``base`` (the process's resident set when the Session opened: ``resident_bytes``) + the
 largest micro-batch's working set (below) + the outputs held in memory until the call returns. Micro-batches run
 in order and each one's in-memory outputs stay until the end, so the peak is taken over the plan as it runs.
 
