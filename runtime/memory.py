@@ -214,12 +214,17 @@ def _cgroup_free() -> int | None:
     return None
 
 
-def _mem_available() -> int | None:
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:   N kB" line of a /proc file, in bytes (None where the file or the line is not there)."""
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError:
         return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
+
+
+def _mem_available() -> int | None:
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def resident_bytes() -> int | None:
@@ -227,11 +232,7 @@ def resident_bytes() -> int | None:
     estimate ``BASE_BYTES`` is not what a given process holds -- the same ``import torch`` is 234 MB resident in one
     venv and 297 MB in a fresh copy of it on the same machine (how the kernel caches the freshly written libraries),
     and a process may hold other data besides."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), None)
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def available(cap: int | None) -> tuple[int, str]:
