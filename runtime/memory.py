@@ -11,11 +11,11 @@ Working set of one micro-batch of B rows padded to L, in bytes (``itemsize`` 4 f
 * streamed (``streaming.py``; rows of >= 65,536 padded tokens, a CPU float32 checkpoint, one row at a time) --
   derived from the driver's own buffers: per token of the row, the two streams (2 x hidden x 4), the ids and mask
   (8 + 8 per token of the whole batch; 8 for the checked ids, 4 + 8 for the row's int32 mask and positions), and
-  the LSH layer's
-  sequence-long arrays at their high point: one head's qk and v (2 x D x 4), the sort index (8 x n_hashes) and the
-  rounds' outputs and logsumexp ((D + 1) x n_hashes x 4); plus one piece's own intermediates, a constant
-  ``STREAM_PIECE_BYTES_PER_POSITION`` x the piece (measured: it is the attention's chunk scores, gathers and
-  copies, which the piece functions leave to their runtime).
+  the LSH layers' sequence-long arrays (one head's qk and v, 2 x D x 4; the buckets and sort index, 8 x n_hashes;
+  the rounds' outputs and logsumexp, (D + 1) x n_hashes x 4), which the outputs kept in memory replace when larger:
+  those become resident as the last stage writes them, after the LSH arrays are unmapped; plus one piece's own
+  intermediates, a constant ``STREAM_PIECE_BYTES_PER_POSITION`` x the piece (measured: it is the attention's chunk
+  scores and copies, which the piece functions leave to their runtime).
 * whole sequence (the backend's forward over [B, L]) -- the reversible streams, old and new (4 x hidden x 4 per
   token), plus ``WHOLE_LAYER_COPIES[backend]`` copies of one layer's per-head vectors and chunk scores
   (H x n_hashes x (D + chunk x (1 + before + after)) x 4), measured per backend, plus the raw outputs the backend
@@ -53,13 +53,11 @@ MEMORY_LIMIT_ENV = "REFORMER_RT_MEMORY_LIMIT"
 BASE_BYTES = {"torch": 287_000_000, "onnxruntime": 338_000_000}
 #: One piece's intermediates per position of the piece (streamed path), measured; on ONNX Runtime it includes the
 #: piece graphs' sessions, opened with the first streamed row. On torch, at the high end of repeated runs: the one
-#: heap every thread shares (``HEAP_REUSE``) fragments differently from run to run (the same spread with one
-#: thread, without huge pages, without address randomisation) -- one 32,768-token piece peaked between 850 and
-#: 1,017 MB over 38 runs of the same call here, and at 1,072 MB once on another run.
-STREAM_PIECE_BYTES_PER_POSITION = {"torch": 14_700, "onnxruntime": 16_800}
-#: Whether the process keeps freed memory for reuse (``backends.reuse_freed_memory``: the torch backend sets it);
-#: without, a large array's pages become resident only as they are written, and return when it is freed.
-HEAP_REUSE = {"torch": True, "onnxruntime": False}
+#: heap every thread shares (``backends.reuse_freed_memory``) fragments differently from run to run (the same spread
+#: with one thread, without huge pages, without address randomisation) -- a 32,768-token streamed call peaked between
+#: 907 and 1,025 MB over five runs (with the LSH head arrays in that heap, before they were mapped apart: 850 to
+#: 1,017 MB over 38 runs, 1,072 once).
+STREAM_PIECE_BYTES_PER_POSITION = {"torch": 17_500, "onnxruntime": 16_800}
 #: Copies of one layer's per-head vectors and chunk scores alive at the whole path's peak, measured.
 WHOLE_LAYER_COPIES = {"torch": 7.9, "onnxruntime": 8.7}
 #: The whole path's chunked feed-forward and LM head (``backends.FEED_FORWARD_CHUNK`` positions at a time): copies of
@@ -104,8 +102,8 @@ def _key(backend: str) -> str:
 
 def stream_bytes_per_token(config: ReformerConfig) -> int:
     """Bytes per token of a streamed row's sequence-long arrays at their high point (module docstring), float32: the
-    two streams, the ids and mask, and an LSH layer's head arrays (``streaming._HeadArrays``, made once per layer and
-    reused by its heads): qk, v, the buckets and sort index, the rounds' outputs and logsumexp and, with several
+    two streams, the ids and mask, and the LSH head arrays (``streaming._HeadArrays``, made once per sequence and
+    reused by every head): qk, v, the buckets and sort index, the rounds' outputs and logsumexp and, with several
     rounds, their combination."""
     dim, n_hashes = config.attention_head_size, config.num_hashes
     lsh = 2 * dim * 4 + 8 * n_hashes + (dim + 1) * n_hashes * 4 + (dim * 4 if n_hashes > 1 else 0)
@@ -138,8 +136,9 @@ def footprint(plan: PassPlan) -> Footprint:
         if plan.stream_from is not None and length >= plan.stream_from:
             streams = length * (2 * config.hidden_size * 4 + 20)
             arrays = length * stream_bytes_per_token(config) - streams
-            # fresh pages: the outputs' zeroed pages become resident as the last stage writes them, after the layers
-            live = arrays + outputs if HEAP_REUSE[key] else max(arrays, outputs)
+            # the head arrays are mapped apart from the heap and unmapped after the layers; the outputs' zeroed pages
+            # become resident as the last stage writes them, after that
+            live = max(arrays, outputs)
             working = 16 * tokens + streams + live + min(length, plan.piece) * STREAM_PIECE_BYTES_PER_POSITION[key]
             peak = max(peak, held + working)
             held += outputs

@@ -8,10 +8,13 @@ one head's qk, values and output [L, D] over the whole sequence:
 * ``stream_hidden`` (the driver) lays out each piece's inputs -- a stretch of positions, a local piece's wrapped
   neighbour chunks, an LSH piece's rows in sorted order with their neighbours in the sorted concatenation of rounds
   -- sorts each head's buckets, puts attention rows back in original order, combines rounds and adds every piece's
-  result into the streams in place. It works on numpy arrays, single-threaded: the pieces do the arithmetic on
-  their runtime's thread pool, and the driver's copies and gathers then never wait at a pool's barrier for a
-  thread that a busy machine has descheduled (measured under load with torch's two-thread pool for them: about
-  20 % slower at 65,536 tokens).
+  result into the streams in place. It works on numpy arrays, single-threaded, except for the gathers of qk and
+  values into sorted order: the pieces do the arithmetic on their runtime's thread pool, and the driver's copies
+  then never wait at a pool's barrier for a thread that a busy machine has descheduled (measured under load with
+  torch's two-thread pool for all of them: about 20 % slower at 65,536 tokens). The gathers read rows scattered
+  over the whole sequence, which past a few hundred thousand tokens come from memory, not cache: there torch's
+  ``index_select`` on the pool keeps more reads in flight (``_gather``).
+* The sequence-long arrays are made once per sequence, their pages made resident at once (``_resident``).
 * ``Streamer`` runs it for every row of a micro-batch and turns each piece of final hidden states into the outputs
   asked for, so no output needs more than a piece of [L, vocab] at once: ``logits`` / ``last_hidden_state``
   written piece by piece (into the caller's arrays when given: ``Session.run(..., out=...)``), ``logits_at_last``
@@ -25,6 +28,7 @@ whole-sequence path, whose intermediates are small at those lengths.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +165,25 @@ class OnnxPieces:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
+def _resident(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A new array in memory of its own, apart from the heap, whose pages the kernel makes resident, zeroed, when it
+    is made (``MAP_POPULATE``; ``np.empty`` where the platform has no such flag); its memory returns when the last
+    view of it goes, so the memory model can count it as gone after the layers (``memory.footprint``).
+
+    The driver writes every byte of each sequence-long array anyway, so it is resident by the peak either way; what
+    changes is how: faulted in one page at a time as first written (``np.empty`` asks for 2 MB pages on such
+    arrays), in a virtual machine each new page also costs the host a fault. Measured on this project's machine
+    (a KVM guest, AMD EPYC, 2 cores): 2 GB written after ``np.empty`` in 2.4-3.7 s, after ``MAP_POPULATE`` in
+    0.83-0.88 s; one ONNX Runtime forward pass over 524,288 tokens spent 4.9 s of its 43 s first-touching the LSH
+    layers' head arrays (made once per layer then, with ``np.empty``)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if not populate:
+        return np.empty(shape, dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(memory, dtype).reshape(shape)
+
+
 def _spans(length: int, piece: int) -> Iterator[tuple[int, int]]:
     for start in range(0, length, piece):
         yield start, min(start + piece, length)
@@ -184,17 +207,20 @@ def stream_hidden(pieces: Pieces, config: ReformerConfig, ids: np.ndarray, mask:
                          "chunk length (shorter sequences run the model's forward)")
     spans = list(_spans(length, piece_length(config, piece)))
     positions = np.arange(length, dtype=np.int64)
-    attn = np.empty((length, config.hidden_size), dtype=np.float32)
-    hidden = np.empty_like(attn)
+    attn = _resident((length, config.hidden_size), np.float32)
+    hidden = _resident((length, config.hidden_size), np.float32)
     for start, end in spans:
         attn[start:end] = hidden[start:end] = pieces.embed(ids[start:end], positions[start:end])
+    arrays = _HeadArrays(config, length, spans[0][1]) if "lsh" in config.attn_layers else None
     for layer, kind in enumerate(config.attn_layers):
         if kind == "local":
             _local_layer(pieces, config, layer, attn, hidden, mask, positions, spans)
         else:
-            _lsh_layer(pieces, config, layer, attn, hidden, mask, spans)
+            assert arrays is not None
+            _lsh_layer(pieces, config, layer, attn, hidden, mask, spans, arrays)
         for start, end in spans:  # Y2 = X2 + FeedForward(Y1)
             hidden[start:end] += pieces.feed_forward(layer, attn[start:end])
+    del arrays
     for start, end in spans:
         yield start, pieces.final_norm(attn[start:end], hidden[start:end])
 
@@ -216,26 +242,59 @@ def _local_layer(pieces: Pieces, config: ReformerConfig, layer: int, attn: np.nd
 
 
 class _HeadArrays:
-    """One LSH head's sequence-long arrays, made once per LSH layer and reused by each of its heads: made per head,
-    a process that keeps freed memory (the torch backend) held the next head's rounds beside the last one's, and
-    one that does not faulted every array in afresh. Measured (crime-and-punishment, one fresh process per point,
-    AMD EPYC, 2 cores): 524,288 tokens peaked at 3,429 MB on torch and 2,689 on ONNX Runtime, against 3,648 and
-    2,931 measured the same way with per-head arrays, in the same time within this machine's noise. Made once per
-    sequence instead, they stay resident through the local layers' and feed-forward pieces too: 262,144 tokens on
-    ONNX Runtime then peaked at 2,209 MB instead of 1,804."""
+    """One LSH head's sequence-long arrays, made once per sequence and reused by every head of every LSH layer, and
+    one piece's gathered rows. Made per layer instead, a process that returns freed memory (ONNX Runtime's) faulted
+    them in afresh for each LSH layer, and made per head, a process that keeps it (the torch backend) held the next
+    head's rounds beside the last one's. Measured (crime-and-punishment-1m, one fresh process per point, AMD EPYC,
+    2 cores, ``reformer-rt bench``): ONNX Runtime over 1,048,576 tokens in 70.5 s and 4,821 MB against 97.3 s and
+    4,780 MB with arrays made per layer (and numpy's fancy indexing for the gathers, a sort of bucket * L +
+    position); torch over 524,288 tokens in 42.1 s and 3,481 MB against 44.2 s and 3,340 MB in the same hour: what
+    the heads' arrays keep through the local and feed-forward layers, torch's heap no longer lends to their
+    pieces."""
 
-    def __init__(self, config: ReformerConfig, length: int) -> None:
-        dim, n_hashes = config.attention_head_size, config.num_hashes
-        self.qk = np.empty((length, dim), dtype=np.float32)
-        self.v = np.empty_like(self.qk)
-        self.buckets = np.empty((n_hashes, length), dtype=np.int64)
-        self.rounds_out = np.empty((n_hashes * length, dim), dtype=np.float32)
+    def __init__(self, config: ReformerConfig, length: int, piece: int) -> None:
+        attrs = lsh_attrs(config)
+        dim, n_hashes = config.attention_head_size, attrs.num_hashes
+        self.qk = _resident((length, dim), np.float32)
+        self.v = _resident((length, dim), np.float32)
+        self.buckets = np.empty((n_hashes, length), dtype=_bucket_dtype(attrs.num_buckets))
+        self.rounds_out = _resident((n_hashes * length, dim), np.float32)
         self.rounds_lse = np.empty(n_hashes * length, dtype=np.float32)
-        self.combined = np.empty_like(self.qk) if n_hashes > 1 else self.rounds_out[:length]
+        self.combined = _resident((length, dim), np.float32) if n_hashes > 1 else self.rounds_out[:length]
+        rows = piece + (attrs.chunks_before + attrs.chunks_after) * attrs.chunk_length
+        self.qk_rows = torch.empty((rows, dim))
+        self.v_rows = torch.empty((rows, dim))
+
+
+def _bucket_dtype(num_buckets: int) -> type:
+    """The narrowest type for buckets 0 .. num_buckets (the last one is padding's): numpy sorts 16-bit integers by
+    radix, in time linear in their number."""
+    return np.uint16 if num_buckets <= np.iinfo(np.uint16).max else np.int64
+
+
+def _sort_order(buckets: np.ndarray) -> np.ndarray:
+    """Row i of the sorted concatenation of rounds holds position order[i] [n_hashes * L]: each round's positions by
+    bucket, then by position (``lsh.lsh_sort``). A stable sort of the buckets alone keeps equal buckets in position
+    order; 16-bit buckets sort by radix (524,288 tokens: 5 ms a head, against 45 ms for a sort of bucket * L +
+    position)."""
+    if buckets.dtype == np.uint16:
+        return np.argsort(buckets, axis=-1, kind="stable").ravel()
+    length = buckets.shape[-1]
+    return np.argsort(buckets * length + np.arange(length), axis=-1).ravel()
+
+
+def _gather(source: np.ndarray, rows: torch.Tensor, out: torch.Tensor) -> np.ndarray:
+    """source[rows] written into ``out`` (its first len(rows) rows) and given back as numpy: ``index_select`` on
+    torch's thread pool. Measured on this project's machine (2 cores), in a forward pass over 524,288 tokens on ONNX
+    Runtime: 0.71 s for every LSH gather of qk and values, against 1.8 s with numpy's ``take`` (one thread) and 2.4 s
+    with fancy indexing (which also makes a new array each time)."""
+    part = out[:rows.shape[0]]
+    torch.index_select(torch.from_numpy(source), 0, rows, out=part)
+    return part.numpy()
 
 
 def _lsh_layer(pieces: Pieces, config: ReformerConfig, layer: int, attn: np.ndarray, hidden: np.ndarray,
-               mask: np.ndarray, spans: list[tuple[int, int]]) -> None:
+               mask: np.ndarray, spans: list[tuple[int, int]], arrays: _HeadArrays) -> None:
     """Y1 = X1 + LSHAttention(X2), one head at a time: hash per piece, sort per round (``lsh.lsh_sort``: by bucket,
     then position), attend per piece of sorted chunks, put back in original order, combine rounds, add the head's
     share of the output projection."""
@@ -243,21 +302,19 @@ def _lsh_layer(pieces: Pieces, config: ReformerConfig, layer: int, attn: np.ndar
     length, dim = hidden.shape[0], config.attention_head_size
     chunk, n_hashes = attrs.chunk_length, attrs.num_hashes
     piece = spans[0][1]
-    arrays = _HeadArrays(config, length)
     qk, v, buckets = arrays.qk, arrays.v, arrays.buckets
     rounds_out, rounds_lse = arrays.rounds_out, arrays.rounds_lse
     for head in range(config.num_attention_heads):
         for start, end in spans:
             qk[start:end], v[start:end], buckets[:, start:end] = pieces.lsh_project(
                 layer, head, hidden[start:end], mask[start:end])
-        # sorted row i of the concatenated rounds holds position order[i] (keys are unique: any sort is stable)
-        buckets *= length
-        buckets += np.arange(length)
-        order = np.argsort(buckets, axis=-1).ravel()
+        order = _sort_order(buckets)
         n_sorted = n_hashes * length // chunk
         for start, end in _spans(n_hashes * length, piece):
             rows = order[_stretch(start, end, chunk, attrs.chunks_before, attrs.chunks_after, n_sorted)]
-            got, lse = pieces.lsh_attend(qk[rows].reshape(-1, chunk, dim), v[rows].reshape(-1, chunk, dim),
+            picked = torch.from_numpy(rows)
+            got, lse = pieces.lsh_attend(_gather(qk, picked, arrays.qk_rows).reshape(-1, chunk, dim),
+                                         _gather(v, picked, arrays.v_rows).reshape(-1, chunk, dim),
                                          mask[rows].reshape(-1, chunk), rows.reshape(-1, chunk))
             targets = order[start:end] + np.arange(start, end) // length * length  # -> (round, position)
             rounds_out[targets] = got

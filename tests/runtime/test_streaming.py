@@ -15,6 +15,8 @@ from reformer_rt.models.fused import fused_attention
 from reformer_rt.models.presets import random_model
 from reformer_rt.runtime import Session
 from reformer_rt.runtime.artifacts import CACHE_ENV
+from reformer_rt.models.lsh import lsh_sort
+from reformer_rt.runtime import streaming
 from reformer_rt.runtime.streaming import STREAM_TOKENS_ENV, OnnxPieces, TorchArrays, stream_hidden
 
 TOL = 1e-5  # the same float32 formulation; only the per-head sum of the output projection reorders additions
@@ -65,6 +67,19 @@ def test_stream_hidden_equals_the_fused_forward(name: str, length: int | None, p
         got = np.concatenate([h for _, h in stream_hidden(TorchArrays(model), config, ids, mask, piece)])
         diff = np.abs(got - expected)[mask.astype(bool)].max()
         assert diff <= TOL, f"{name} L={length} piece {piece}: {diff}"
+
+
+@pytest.mark.parametrize("num_buckets", [7, 65_535, 65_536])  # 16-bit buckets (the padding bucket too), then not
+def test_sort_order_is_the_ops_sort(num_buckets: int) -> None:
+    rng = np.random.default_rng(num_buckets)
+    length = 4096
+    buckets = rng.integers(0, min(num_buckets, 40) + 1, (3, length))  # many ties, some in the padding bucket
+    buckets[buckets == min(num_buckets, 40)] = num_buckets
+    held = np.empty_like(buckets, dtype=streaming._bucket_dtype(num_buckets))
+    held[...] = buckets
+    assert held.dtype == (np.uint16 if num_buckets < 65_536 else np.int64)
+    expected = lsh_sort(torch.from_numpy(buckets)).numpy().ravel()
+    np.testing.assert_array_equal(streaming._sort_order(held), expected)
 
 
 def test_stream_hidden_refuses_lengths_the_pieces_cannot_cut() -> None:
