@@ -13,7 +13,7 @@ one head's qk, values and output [L, D] over the whole sequence:
   then never wait at a pool's barrier for a thread that a busy machine has descheduled (measured under load with
   torch's two-thread pool for all of them: about 20 % slower at 65,536 tokens). The gathers read rows scattered
   over the whole sequence, which past a few hundred thousand tokens come from memory, not cache: there torch's
-  ``index_select`` on the pool keeps more reads in flight (``_gather``).
+  ``index_select`` on the pool keeps more reads in flight (``_gather``; measured on a quiet machine only).
 * The sequence-long arrays are made once per sequence, their pages made resident at once (``_resident``).
 * ``Streamer`` runs it for every row of a micro-batch and turns each piece of final hidden states into the outputs
   asked for, so no output needs more than a piece of [L, vocab] at once: ``logits`` / ``last_hidden_state``
@@ -247,10 +247,10 @@ class _HeadArrays:
     them in afresh for each LSH layer, and made per head, a process that keeps it (the torch backend) held the next
     head's rounds beside the last one's. Measured (crime-and-punishment-1m, one fresh process per point, AMD EPYC,
     2 cores, ``reformer-rt bench``): ONNX Runtime over 1,048,576 tokens in 70.5 s and 4,821 MB against 97.3 s and
-    4,780 MB with arrays made per layer (and numpy's fancy indexing for the gathers, a sort of bucket * L +
-    position); torch over 524,288 tokens in 42.1 s and 3,481 MB against 44.2 s and 3,340 MB in the same hour: what
-    the heads' arrays keep through the local and feed-forward layers, torch's heap no longer lends to their
-    pieces."""
+    4,780 MB in an earlier run with arrays made per layer (and numpy's fancy indexing for the gathers, a sort of
+    bucket * L + position); torch over 524,288 tokens in 42.1 s and 3,481 MB against 44.2 s and 3,340 MB in the
+    same hour: what the heads' arrays keep through the local and feed-forward layers, torch's heap no longer lends
+    to their pieces."""
 
     def __init__(self, config: ReformerConfig, length: int, piece: int) -> None:
         attrs = lsh_attrs(config)
