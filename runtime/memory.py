@@ -52,7 +52,7 @@ MEMORY_LIMIT_ENV = "REFORMER_RT_MEMORY_LIMIT"
 #: sessions): measured with a crime-and-punishment checkpoint (13.8 MB of weights).
 BASE_BYTES = {"torch": 287_000_000, "onnxruntime": 338_000_000}
 #: One piece's intermediates per position of the piece (streamed path), measured; on ONNX Runtime it includes the
-#: piece graphs' sessions, opened with the first streamed row. On torch, at the high end of repeated runs: the one
+#: piece graphs' sessions, opened with the first streamed row. On torch, the middle of repeated runs' spread: the one
 #: heap every thread shares (``backends.reuse_freed_memory``) fragments differently from run to run (the same spread
 #: with one thread, without huge pages, without address randomisation) -- a 32,768-token streamed call peaked between
 #: 907 and 1,025 MB over five runs (with the LSH head arrays in that heap, before they were mapped apart: 850 to

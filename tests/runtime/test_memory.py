@@ -103,7 +103,7 @@ def test_prediction_is_within_15_percent_of_the_measured_peak_on_onnxruntime(cri
 
 def test_the_prediction_moves_with_what_the_call_keeps(crime) -> None:
     """A streamed row's outputs become resident as the last stage writes them, after its LSH arrays are unmapped:
-    held logits (1,280 B a token here) fit in what those arrays held (about 1,560), logits and hidden states (3,328)
+    held logits (1,280 B a token here) fit in what those arrays held (1,548), logits and hidden states (3,328)
     do not (measured at 131,072 tokens: 1,339 MB with logits in memory, 1,364 MB with them in a file on torch;
     1,355 and 1,361 MB on ONNX Runtime)."""
     session = Session(crime, backend="torch", device="cpu")

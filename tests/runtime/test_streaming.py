@@ -12,11 +12,10 @@ import torch
 
 from reformer_rt.models import InputError, ReformerConfig, ReformerLM, ReformerModel
 from reformer_rt.models.fused import fused_attention
-from reformer_rt.models.presets import random_model
-from reformer_rt.runtime import Session
-from reformer_rt.runtime.artifacts import CACHE_ENV
 from reformer_rt.models.lsh import lsh_sort
-from reformer_rt.runtime import streaming
+from reformer_rt.models.presets import random_model
+from reformer_rt.runtime import Session, streaming
+from reformer_rt.runtime.artifacts import CACHE_ENV
 from reformer_rt.runtime.streaming import STREAM_TOKENS_ENV, OnnxPieces, TorchArrays, stream_hidden
 
 TOL = 1e-5  # the same float32 formulation; only the per-head sum of the output projection reorders additions
