@@ -263,8 +263,8 @@ class _HeadArrays:
         self.rounds_lse = np.empty(n_hashes * length, dtype=np.float32)
         self.combined = _resident((length, dim), np.float32) if n_hashes > 1 else self.rounds_out[:length]
         rows = piece + (attrs.chunks_before + attrs.chunks_after) * attrs.chunk_length
-        self.qk_rows = torch.empty((rows, dim))
-        self.v_rows = torch.empty((rows, dim))
+        self.qk_rows = torch.empty((rows, dim), dtype=torch.float32)  # qk's and v's type, whatever torch's default
+        self.v_rows = torch.empty((rows, dim), dtype=torch.float32)
 
 
 def _bucket_dtype(num_buckets: int) -> type:
